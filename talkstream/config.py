@@ -1,0 +1,100 @@
+"""The one config tree.
+
+Built once at the entry point (the CLI, a server, a test) and passed down; no module below reads
+argv or environment variables. Network architectures have their own config dataclasses beside
+their code (``engine/motion.py``, ``engine/denoiser.py``); this tree holds everything else and
+names the preset.
+
+Media constants carry their units in their names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SAMPLE_RATE_HZ = 16_000
+HOP_SAMPLES = 200  # 12.5 ms: 80 mel frames per second
+FPS = 25
+SAMPLES_PER_VIDEO_FRAME = SAMPLE_RATE_HZ // FPS  # 640 samples = 40 ms
+MEL_FRAMES_PER_VIDEO_FRAME = SAMPLES_PER_VIDEO_FRAME / HOP_SAMPLES  # 3.2
+N_MELS = 80
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Log-mel frontend. Frame ``i`` is centred on sample ``i * hop_samples``."""
+
+    sample_rate_hz: int = SAMPLE_RATE_HZ
+    n_fft: int = 800  # 50 ms window
+    hop_samples: int = HOP_SAMPLES
+    n_mels: int = N_MELS
+    fmin_hz: float = 55.0
+    fmax_hz: float = 7600.0
+    # Floor before the log, in power units; keeps silence finite and stable.
+    log_floor: float = 1e-5
+
+
+@dataclass(frozen=True)
+class AvatarConfig:
+    """Avatar preparation: detection, alignment, crop, paste-back mask."""
+
+    crop_size: int = 128
+    # Face box (eye-to-mouth distance) as a fraction of the crop: leaves room for jaw and chin.
+    face_scale: float = 0.32
+    # Feather width of the paste-back mask, as a fraction of the crop size.
+    feather: float = 0.08
+    max_image_pixels: int = 40_000_000  # decompression-bomb guard
+    max_file_bytes: int = 64 * 1024 * 1024
+    cache_dir: Path | None = None  # None: no on-disk cache
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    """Idle motion added on top of speech motion: blinks and a slight head sway."""
+
+    enabled: bool = True
+    blink_interval_s: float = 3.5  # mean time between blinks
+    blink_duration_s: float = 0.2
+    sway_amplitude: float = 0.006  # fraction of the crop size
+    sway_period_s: float = 6.0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Noise schedule (training) and the few-step sampler (inference)."""
+
+    train_timesteps: int = 1000
+    schedule: str = "cosine"
+    steps: int = 1  # 1-4 for a distilled student
+    seed: int = 0  # fixed per session: the same noise every frame, so frames do not flicker
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a loaded engine needs. ``preset`` picks both networks' architectures."""
+
+    preset: str = "tiny"
+    checkpoint: Path | None = None  # None: the shipped default if present, else random init
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    avatar: AvatarConfig = field(default_factory=AvatarConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    lookahead_frames: int | None = None  # None: the motion model's trained default
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """Offline render: image + audio file in, H.264 mp4 with muxed audio out."""
+
+    out: Path
+    image: Path | None = None  # None: the bundled default face
+    audio: Path | None = None  # None: the bundled sample sentence
+    landmarks: Path | None = None  # a JSON file of 68 (x, y) points instead of detection
+    crf: int = 20
+    chunk_ms: int = 20  # how the audio is fed to the session, as a live source would
+    progress: bool = True
+    engine: EngineConfig = field(default_factory=EngineConfig)

@@ -1,0 +1,1 @@
+"""Models, audio frontend, sampler, avatar preparation and the streaming Session API."""

@@ -1,0 +1,330 @@
+"""The streaming pipeline: one loaded ``Engine`` shared by many ``Session``s.
+
+Per session: audio chunks go in through ``Session.push_audio(pcm, sample_rate)``; frames come out,
+with presentation timestamps, from ``Session.frames()`` (async) or ``Session.render_ready()``
+(sync, for offline work). The heavy work (motion model, denoiser, paste-back) runs in the
+engine's single inference worker thread, never on the caller's event loop; ``push_audio`` only
+runs the audio frontend, which costs microseconds per 20 ms chunk.
+
+Frame ``pts`` counts video frames from the session's start (``time_base`` = 1/25 s): media time
+comes from the audio sample counter, never from how fast compute ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from talkstream.config import FPS, SAMPLE_RATE_HZ, EngineConfig
+from talkstream.engine.audio import MelFrontend
+from talkstream.engine.avatar import Avatar
+from talkstream.engine.checkpoint import Models, load_checkpoint
+from talkstream.engine.denoiser import ReferenceFeatures
+from talkstream.engine.idle import IdleMotion
+from talkstream.engine.motion import MotionStreamer, latency_samples, silence_level
+from talkstream.engine.sampler import FewStepSampler, NoiseSchedule, session_noise
+from talkstream.kernels.post import paste_back
+
+log = logging.getLogger(__name__)
+
+TIME_BASE = Fraction(1, FPS)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_checkpoint(preset: str) -> Path | None:
+    """The trained checkpoint shipped in the package for ``preset``, if there is one."""
+    path = Path(str(resources.files("talkstream") / "assets" / "models" / preset))
+    return path if (path / "config.json").is_file() else None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One output video frame."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB, the full frame
+    pts: int  # frame index from the session's start
+    landmarks: np.ndarray  # (68, 2) target landmarks in normalised crop coords
+    time_base: Fraction = TIME_BASE
+
+    @property
+    def time_s(self) -> float:
+        return float(self.pts * self.time_base)
+
+
+@dataclass
+class PreparedAvatar:
+    """An avatar plus what the denoiser reuses every frame (computed once)."""
+
+    avatar: Avatar
+    ref: ReferenceFeatures
+    neutral: np.ndarray  # (68, 2) normalised crop coords
+
+
+class Engine:
+    """Loaded networks, shared by every session. Thread-safe; one inference worker."""
+
+    def __init__(self, cfg: EngineConfig | None = None, models: Models | None = None) -> None:
+        self.cfg = cfg = cfg or EngineConfig()
+        if cfg.dtype not in _DTYPES:
+            raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(_DTYPES)}")
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        if models is None:
+            models = self._load_models(cfg)
+        self.models = models
+        self.random_init = bool(models.meta.get("random_init"))
+        self.motion = models.motion.to(self.device).eval()
+        self.denoiser = models.denoiser.to(self.device, self.dtype).eval()
+        self.audio_cfg = models.audio
+        self.schedule = NoiseSchedule(models.sampler)
+        self.sampler = FewStepSampler(self.schedule, cfg.sampler.steps)
+        self.crop_size = self.denoiser.cfg.image_size
+        self._lock = threading.Lock()  # one model call at a time
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="talkstream-infer")
+        self._prepared: dict[str, PreparedAvatar] = {}
+
+    @staticmethod
+    def _load_models(cfg: EngineConfig) -> Models:
+        path = cfg.checkpoint or default_checkpoint(cfg.preset)
+        if path is not None:
+            models = load_checkpoint(path, cfg.device)
+            if cfg.checkpoint is not None and models.preset != cfg.preset:
+                log.info("checkpoint %s is preset %r", path, models.preset)
+            return models
+        log.warning(
+            "no trained checkpoint for preset %r: using randomly initialised weights, "
+            "so the face region will be noise. Pass --checkpoint to use a trained model.",
+            cfg.preset,
+        )
+        return Models.random_init(cfg.preset, sampler=cfg.sampler)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- avatars -------------------------------------------------------------------------------
+
+    def prepare(self, avatar: Avatar) -> PreparedAvatar:
+        """Reference features of ``avatar``, computed once and cached by its content key."""
+        if avatar.crop_size != self.crop_size:
+            raise ValueError(
+                f"avatar crop is {avatar.crop_size}px but the {self.models.preset!r} model "
+                f"renders {self.crop_size}px; prepare the avatar with crop_size={self.crop_size}"
+            )
+        hit = self._prepared.get(avatar.key)
+        if hit is not None:
+            return hit
+        crop = torch.from_numpy(avatar.crop).to(self.device).permute(2, 0, 1)[None]  # (1,3,S,S)
+        crop = crop.to(self.dtype) / 127.5 - 1.0
+        with self._lock, torch.inference_mode():
+            ref = self.denoiser.encode_reference(crop)
+        prepared = PreparedAvatar(avatar, ref, avatar.neutral_normalized())
+        self._prepared[avatar.key] = prepared
+        return prepared
+
+    def session(
+        self, avatar: Avatar, *, seed: int | None = None, lookahead: int | None = None
+    ) -> Session:
+        """A new streaming session speaking with ``avatar``."""
+        return Session(self, self.prepare(avatar), seed=seed, lookahead=lookahead)
+
+    # -- inference -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def render(self, items: Sequence[_Item]) -> list[Frame]:
+        """Motion, denoiser and paste-back for a batch of frames (of one or more sessions)."""
+        if not items:
+            return []
+        dev = self.device
+        windows = torch.from_numpy(np.stack([it.window for it in items])).to(dev)  # (N,W,R,80)
+        neutral_np = np.stack([it.session.prepared.neutral for it in items])  # (N, 68, 2)
+        neutral = torch.from_numpy(neutral_np).to(dev)
+        with self._lock:
+            disp = torch.empty(len(items), *self.motion.head_shape, device=dev)  # (N, 37, 2)
+            for la in sorted({it.session.lookahead for it in items}):
+                sel = [i for i, it in enumerate(items) if it.session.lookahead == la]
+                disp[sel] = self.motion(windows[sel], neutral[sel], la)
+            target = self.motion.apply_displacement(neutral, disp)  # (N, 68, 2)
+            idle = np.stack([it.session.idle.offset(it.pts) for it in items])  # (N, 68, 2)
+            target = target + torch.from_numpy(idle).to(dev)
+            crops = self._denoise(items, target)  # (N, S, S, 3) uint8
+        landmarks = target.float().cpu().numpy()
+        frames = []
+        for i, it in enumerate(items):
+            image = it.session.output_buffer()
+            paste_back(
+                it.session.prepared.avatar.image,
+                crops[i],
+                it.session.pmap,
+                out=image,
+                out_has_background=True,
+            )
+            frames.append(Frame(image=image, pts=it.pts, landmarks=landmarks[i]))
+        return frames
+
+    def _denoise(self, items: Sequence[_Item], target: torch.Tensor) -> np.ndarray:
+        # Group by avatar: one reference batch broadcast over the group's frames.
+        out = np.empty((len(items), self.crop_size, self.crop_size, 3), dtype=np.uint8)
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.session.prepared.avatar.key, []).append(i)
+        for idx in groups.values():
+            ref = items[idx[0]].session.prepared.ref
+            noise = torch.cat([items[i].session.noise for i in idx])  # (n, 3, S, S)
+            lm = target[idx].to(self.dtype)  # (n, 68, 2)
+            x0 = self.sampler.sample(self.denoiser, noise, landmarks=lm, ref=ref)  # (n,3,S,S)
+            img = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out[idx] = img.permute(0, 2, 3, 1).cpu().numpy()  # (n, S, S, 3)
+        return out
+
+
+@dataclass
+class _Item:
+    session: Session
+    pts: int
+    window: np.ndarray  # (W, R, n_mels)
+
+
+class Session:
+    """One stream: audio in, frames with timestamps out.
+
+    ``push_audio`` may be called from any thread (a pyaudio callback, an event loop); frames are
+    produced in order, each exactly once, by either ``frames()`` or ``render_ready()``.
+    """
+
+    time_base = TIME_BASE
+
+    def __init__(
+        self,
+        engine: Engine,
+        prepared: PreparedAvatar,
+        *,
+        seed: int | None = None,
+        lookahead: int | None = None,
+        max_batch: int = 8,
+    ) -> None:
+        self.engine = engine
+        self.prepared = prepared
+        self.seed = engine.cfg.sampler.seed if seed is None else seed
+        la = engine.cfg.lookahead_frames if lookahead is None else lookahead
+        self.frontend = MelFrontend(engine.audio_cfg)
+        self.streamer = MotionStreamer(engine.motion.cfg, silence_level(engine.audio_cfg), la)
+        self.lookahead = self.streamer.lookahead
+        self.idle = IdleMotion(prepared.neutral, engine.cfg.idle, self.seed)
+        s = engine.crop_size
+        # One noise tensor for the whole session: the same noise every frame, no flicker.
+        self.noise = session_noise((1, 3, s, s), self.seed, engine.device, engine.dtype)
+        self.pmap = prepared.avatar.paste
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._ended = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Feed a chunk of any length: int16/int32/float PCM, (n,) or (n, channels)."""
+        with self._lock:
+            if self._ended:
+                raise RuntimeError("push_audio() after end_audio(): the session's audio ended")
+            self.streamer.push_mel(self.frontend.push(pcm, sample_rate))
+        self._wake()
+
+    def end_audio(self) -> None:
+        """No more audio: the remaining frames (up to the audio's duration) become ready."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            self.streamer.push_mel(self.frontend.flush())
+            self.streamer.end(self.frontend.samples_received_16k)
+        self._wake()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def latency_s(self) -> float:
+        """Algorithmic latency: audio that must arrive after a frame starts before it can render.
+
+        Lookahead, the motion token's future mel rows, half an STFT window and the resampler's
+        delay; compute, encode and network come on top.
+        """
+        samples = latency_samples(self.engine.motion.cfg, self.engine.audio_cfg, self.lookahead)
+        return (samples + self.frontend.latency_samples_16k - self.engine.audio_cfg.n_fft // 2) / (
+            SAMPLE_RATE_HZ
+        )
+
+    # -- output --------------------------------------------------------------------------------
+
+    def output_buffer(self) -> np.ndarray:
+        """A frame buffer holding the avatar's background, for the next frame."""
+        return self.prepared.avatar.image.copy()
+
+    def _take_ready(self) -> list[_Item]:
+        with self._lock:
+            frames, windows = self.streamer.ready_windows(self.max_batch)
+        return [_Item(self, t, windows[i]) for i, t in enumerate(frames)]
+
+    def has_ready(self) -> bool:
+        with self._lock:
+            return self.streamer.has_ready()
+
+    @property
+    def done(self) -> bool:
+        """Audio ended and every frame was produced."""
+        return self._ended and not self.has_ready()
+
+    def render_ready(self) -> list[Frame]:
+        """Render up to ``max_batch`` ready frames in the calling thread (offline use)."""
+        return self.engine.render(self._take_ready())
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Frames as their audio arrives, rendered in the engine's worker; ends after end_audio."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        while True:
+            self._wakeup.clear()
+            if self.has_ready():
+                items = self._take_ready()
+                for frame in await loop.run_in_executor(
+                    self.engine.executor, self.engine.render, items
+                ):
+                    yield frame
+                continue
+            if self._ended:
+                return
+            await self._wakeup.wait()
+
+    def _wake(self) -> None:
+        loop, ev = self._loop, self._wakeup
+        if loop is None or ev is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            ev.set()
+        else:
+            loop.call_soon_threadsafe(ev.set)

@@ -1,0 +1,208 @@
+"""Offline render: a face image and a speech file in, an H.264 mp4 with the speech muxed out.
+
+The audio is read in blocks and fed to a ``Session`` exactly as a live source would feed it;
+frames are encoded as soon as they are rendered, so memory stays flat in the clip's length.
+The output is written to a temporary file and renamed at the end: a failed or interrupted render
+never leaves a half-written mp4 under the requested name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from importlib import resources
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+from talkstream.config import FPS, SAMPLE_RATE_HZ, RenderConfig
+from talkstream.engine.audio import AudioFileReader
+from talkstream.engine.avatar import (
+    Avatar,
+    default_image,
+    default_landmarks,
+    load_image,
+    prepare_avatar,
+)
+from talkstream.engine.landmarks import load_landmarks_json
+from talkstream.engine.motion import frames_for_samples
+from talkstream.engine.pipeline import Engine, Frame
+from talkstream.errors import InputError
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+# AAC encodes only these rates; anything else is resampled to 48 kHz for the muxed track.
+AAC_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000)
+
+
+def default_audio_path() -> Path:
+    """The bundled sample sentence (espeak-ng, 16 kHz mono)."""
+    return Path(str(resources.files("talkstream") / "assets" / "sample_speech.wav"))
+
+
+@dataclass
+class RenderResult:
+    out: Path
+    frames: int
+    audio_duration_s: float
+    wall_s: float
+    random_init: bool
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.wall_s if self.wall_s > 0 else float("inf")
+
+
+def load_avatar_for_render(cfg: RenderConfig, crop_size: int) -> Avatar:
+    """The avatar the render config names (the bundled astronaut by default)."""
+    acfg = dataclasses.replace(cfg.engine.avatar, crop_size=crop_size)
+    landmarks = load_landmarks_json(cfg.landmarks) if cfg.landmarks is not None else None
+    if cfg.image is None:
+        image = default_image()
+        if landmarks is None:
+            landmarks = default_landmarks()
+        name = "the default face"
+    else:
+        image = load_image(cfg.image, acfg)
+        name = str(cfg.image)
+    return prepare_avatar(image, acfg, landmarks=landmarks, source_name=name)
+
+
+def _check_out_path(out: Path) -> None:
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(
+            f"output {out} must end in one of {', '.join(VIDEO_SUFFIXES)} (got {out.suffix!r})"
+        )
+    if out.is_dir():
+        raise InputError(f"output {out} is a directory; give a file name such as {out}/out.mp4")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {parent} is not writable")
+
+
+def render_to_file(
+    cfg: RenderConfig,
+    engine: Engine | None = None,
+    on_frame: Callable[[Frame], None] | None = None,
+) -> RenderResult:
+    """Render ``cfg.audio`` spoken by ``cfg.image`` into ``cfg.out``; returns what was written."""
+    out = Path(cfg.out)
+    _check_out_path(out)
+    audio_path = cfg.audio if cfg.audio is not None else default_audio_path()
+    # Open the inputs before loading any model: bad inputs fail fast.
+    reader = AudioFileReader(audio_path)
+    own_engine = engine is None
+    eng = engine if engine is not None else Engine(cfg.engine)
+    try:
+        avatar = load_avatar_for_render(cfg, eng.crop_size)
+        return _render(cfg, eng, avatar, reader, out, on_frame)
+    finally:
+        reader.close()
+        if own_engine:
+            eng.close()
+
+
+def _render(
+    cfg: RenderConfig,
+    engine: Engine,
+    avatar: Avatar,
+    reader: AudioFileReader,
+    out: Path,
+    on_frame: Callable[[Frame], None] | None,
+) -> RenderResult:
+    sr = reader.sample_rate_hz
+    n16 = math.ceil(reader.num_frames * SAMPLE_RATE_HZ / sr)
+    total_frames = frames_for_samples(n16)
+    session = engine.session(avatar)
+    h, w = avatar.image.shape[:2]
+    # H.264 in yuv420p needs even sizes: drop a last odd row/column.
+    h2, w2 = h - h % 2, w - w % 2
+
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=out.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        with av.open(str(tmp), mode="w") as container:
+            vstream = container.add_stream("libx264", rate=FPS)
+            vstream.width, vstream.height = w2, h2
+            vstream.pix_fmt = "yuv420p"
+            vstream.options = {"crf": str(cfg.crf), "preset": "veryfast"}
+            vstream.codec_context.time_base = Fraction(1, FPS)
+            channels = 1 if reader.channels != 2 else 2
+            layout = "mono" if channels == 1 else "stereo"
+            a_rate = sr if sr in AAC_RATES_HZ else 48_000
+            astream = container.add_stream("aac", rate=a_rate, layout=layout)
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=a_rate)
+            pbar = _progress(cfg.progress, total_frames)
+            block = max(1, sr * cfg.chunk_ms // 1000)
+            a_pts = 0
+
+            def encode_audio(pcm: np.ndarray | None) -> None:
+                nonlocal a_pts
+                if pcm is None:
+                    frames = resampler.resample(None)
+                else:
+                    if channels == 1 and pcm.shape[1] != 1:
+                        pcm = pcm.mean(axis=1, keepdims=True)
+                    af = av.AudioFrame.from_ndarray(
+                        np.ascontiguousarray(pcm.T, dtype=np.float32), format="fltp", layout=layout
+                    )
+                    af.sample_rate = sr
+                    af.pts = a_pts
+                    af.time_base = Fraction(1, sr)
+                    a_pts += pcm.shape[0]
+                    frames = resampler.resample(af)
+                for f in frames:
+                    container.mux(astream.encode(f))
+
+            def encode_video(frames: list[Frame]) -> None:
+                nonlocal done
+                for fr in frames:
+                    img = fr.image if (h2, w2) == (h, w) else fr.image[:h2, :w2]
+                    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                    vf.pts = fr.pts
+                    vf.time_base = Fraction(1, FPS)
+                    container.mux(vstream.encode(vf))
+                    if on_frame is not None:
+                        on_frame(fr)
+                    done += 1
+                    pbar.update(1)
+
+            for pcm in reader.blocks(block):
+                session.push_audio(pcm, sr)
+                encode_audio(pcm)
+                while session.has_ready():
+                    encode_video(session.render_ready())
+            session.end_audio()
+            encode_audio(None)
+            while session.has_ready():
+                encode_video(session.render_ready())
+            container.mux(astream.encode(None))
+            container.mux(vstream.encode(None))
+            pbar.close()
+        assert done == total_frames, (done, total_frames)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    wall = time.perf_counter() - t0
+    return RenderResult(out, done, reader.duration_s, wall, engine.random_init)
+
+
+def _progress(enabled: bool, total: int) -> tqdm:
+    # disable=True keeps the same object and calls but prints nothing.
+    return tqdm(total=total, unit="frame", desc="render", dynamic_ncols=True, disable=not enabled)

@@ -1,0 +1,1 @@
+"""talkstream.streaming"""

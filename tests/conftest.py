@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random-weight engine and the default avatar (no detector needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from talkstream.config import AvatarConfig, EngineConfig
+from talkstream.engine.avatar import Avatar, default_image, default_landmarks, prepare_avatar
+from talkstream.engine.checkpoint import Models
+from talkstream.engine.pipeline import Engine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    # CI has 2 cores; keep torch from oversubscribing them when tests run.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def default_avatar() -> Avatar:
+    return prepare_avatar(default_image(), AvatarConfig(), landmarks=default_landmarks())
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Iterator[Engine]:
+    eng = Engine(EngineConfig(preset="tiny"), models=Models.random_init("tiny", seed=0))
+    yield eng
+    eng.close()
+
+
+def speechlike(n: int, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-modulated test signal (float32, mono)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / rate
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t)
+    sig = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(n)
+    return (env * sig).astype(np.float32)
