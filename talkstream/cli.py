@@ -7,6 +7,7 @@ below reads either. User errors (``TalkstreamError``) print one clear line and e
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -152,7 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_engine_args(r)
     r.set_defaults(func=_cmd_render)
+
+    # Other commands live beside their code; each module has a light ``add_parser(sub,
+    # add_engine_args, engine_config)`` that imports its heavy dependencies only when run.
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub, _add_engine_args, _engine_config)
     return p
+
+
+# Modules that register a subcommand (see build_parser).
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
