@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that register a subcommand (see build_parser).
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("talkstream.streaming.live", "talkstream.benchmarking.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

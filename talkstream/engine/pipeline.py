@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -235,6 +236,10 @@ class Session:
         self.max_batch = max_batch
         self._lock = threading.Lock()
         self._ended = False
+        self.frames_skipped = 0  # frames never rendered: skip_until() passed them
+        # Wall time per frame of the last batch frames() rendered, queueing in the shared
+        # worker included: what a live caller must budget for the next one.
+        self.render_wall_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
 
@@ -294,22 +299,47 @@ class Session:
         """Audio ended and every frame was produced."""
         return self._ended and not self.has_ready()
 
+    def skip_until(self, pts: int) -> int:
+        """Skip, without rendering, the ready frames before frame ``pts``; returns how many.
+
+        For live output: a frame whose display deadline has passed is worth nothing, and
+        rendering it would only make the next one late too. Only frames whose audio has arrived
+        are skipped, so frames still come out in order and each at most once.
+        """
+        skipped = 0
+        with self._lock:
+            while self.streamer.next_frame < pts and self.streamer.has_ready():
+                self.streamer.next_frame += 1
+                skipped += 1
+            self.frames_skipped += skipped
+        return skipped
+
     def render_ready(self) -> list[Frame]:
         """Render up to ``max_batch`` ready frames in the calling thread (offline use)."""
         return self.engine.render(self._take_ready())
 
-    async def frames(self) -> AsyncIterator[Frame]:
-        """Frames as their audio arrives, rendered in the engine's worker; ends after end_audio."""
+    async def frames(self, skip_before: Callable[[], int] | None = None) -> AsyncIterator[Frame]:
+        """Frames as their audio arrives, rendered in the engine's worker; ends after end_audio.
+
+        Args:
+            skip_before: for live output, called before each batch: ready frames before the
+                frame index it returns are skipped (see :meth:`skip_until`), never rendered.
+        """
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._wakeup = asyncio.Event()
         while True:
             self._wakeup.clear()
+            if skip_before is not None:
+                self.skip_until(skip_before())
             if self.has_ready():
                 items = self._take_ready()
-                for frame in await loop.run_in_executor(
+                t0 = time.perf_counter()
+                rendered = await loop.run_in_executor(
                     self.engine.executor, self.engine.render, items
-                ):
+                )
+                self.render_wall_s = (time.perf_counter() - t0) / max(len(rendered), 1)
+                for frame in rendered:
                     yield frame
                 continue
             if self._ended:

@@ -78,7 +78,8 @@ def load_avatar_for_render(cfg: RenderConfig, crop_size: int) -> Avatar:
     return prepare_avatar(image, acfg, landmarks=landmarks, source_name=name)
 
 
-def _check_out_path(out: Path) -> None:
+def check_out_path(out: Path) -> None:
+    """Raise ``InputError`` unless ``out`` is a writable video file name."""
     if out.suffix.lower() not in VIDEO_SUFFIXES:
         raise InputError(
             f"output {out} must end in one of {', '.join(VIDEO_SUFFIXES)} (got {out.suffix!r})"
@@ -92,6 +93,96 @@ def _check_out_path(out: Path) -> None:
         raise InputError(f"output folder {parent} is not writable")
 
 
+class Mp4Writer:
+    """H.264 video at 25 fps plus the speech as AAC, written to a temp file renamed on commit.
+
+    ``write_audio`` takes float PCM (n, channels) at the rate given here, ``write_video`` RGB
+    frames with their 25 fps ``pts``. ``finish()`` flushes the encoders and closes the file,
+    ``commit()`` renames it to ``out``; ``discard()`` removes it (a failed or interrupted
+    write never leaves a half-written file under the requested name).
+    """
+
+    def __init__(
+        self, out: Path, width: int, height: int, sample_rate_hz: int, channels: int, crf: int
+    ) -> None:
+        self.out = out
+        self.sample_rate_hz = sample_rate_hz
+        # H.264 in yuv420p needs even sizes: drop a last odd row/column.
+        self.size = (height - height % 2, width - width % 2)
+        self.channels = 1 if channels != 2 else 2
+        self.layout = "mono" if self.channels == 1 else "stereo"
+        fd, tmp_name = tempfile.mkstemp(
+            dir=out.parent if str(out.parent) else ".", suffix=out.suffix
+        )
+        os.close(fd)
+        self.tmp = Path(tmp_name)
+        self.frames_written = 0
+        self._a_pts = 0
+        self._closed = False
+        try:
+            self.container = av.open(str(self.tmp), mode="w")
+            h2, w2 = self.size
+            self.vstream = self.container.add_stream("libx264", rate=FPS)
+            self.vstream.width, self.vstream.height = w2, h2
+            self.vstream.pix_fmt = "yuv420p"
+            self.vstream.options = {"crf": str(crf), "preset": "veryfast"}
+            self.vstream.codec_context.time_base = Fraction(1, FPS)
+            a_rate = sample_rate_hz if sample_rate_hz in AAC_RATES_HZ else 48_000
+            self.astream = self.container.add_stream("aac", rate=a_rate, layout=self.layout)
+            self.resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=a_rate)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+
+    def write_audio(self, pcm: np.ndarray | None) -> None:
+        """Encode float PCM (n, channels); ``None`` flushes the resampler (end of audio)."""
+        if pcm is None:
+            frames = self.resampler.resample(None)
+        else:
+            if self.channels == 1 and pcm.shape[1] != 1:
+                pcm = pcm.mean(axis=1, keepdims=True)
+            af = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(pcm.T, dtype=np.float32), format="fltp", layout=self.layout
+            )
+            af.sample_rate = self.sample_rate_hz
+            af.pts = self._a_pts
+            af.time_base = Fraction(1, self.sample_rate_hz)
+            self._a_pts += pcm.shape[0]
+            frames = self.resampler.resample(af)
+        for f in frames:
+            self.container.mux(self.astream.encode(f))
+
+    def write_video(self, image: np.ndarray, pts: int) -> None:
+        """Encode one (H, W, 3) uint8 RGB frame shown at ``pts`` / 25 s."""
+        h2, w2 = self.size
+        img = image if image.shape[:2] == (h2, w2) else image[:h2, :w2]
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        vf.pts = pts
+        vf.time_base = Fraction(1, FPS)
+        self.container.mux(self.vstream.encode(vf))
+        self.frames_written += 1
+
+    def finish(self) -> None:
+        """Flush both encoders and close the file (still under its temporary name)."""
+        self.container.mux(self.astream.encode(None))
+        self.container.mux(self.vstream.encode(None))
+        self._close_container()
+
+    def commit(self) -> None:
+        """Give the finished file its requested name."""
+        os.replace(self.tmp, self.out)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file (after an error or an interrupt)."""
+        self._close_container()
+        self.tmp.unlink(missing_ok=True)
+
+    def _close_container(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.container.close()
+
+
 def render_to_file(
     cfg: RenderConfig,
     engine: Engine | None = None,
@@ -99,7 +190,7 @@ def render_to_file(
 ) -> RenderResult:
     """Render ``cfg.audio`` spoken by ``cfg.image`` into ``cfg.out``; returns what was written."""
     out = Path(cfg.out)
-    _check_out_path(out)
+    check_out_path(out)
     audio_path = cfg.audio if cfg.audio is not None else default_audio_path()
     # Open the inputs before loading any model: bad inputs fail fast.
     reader = AudioFileReader(audio_path)
@@ -127,77 +218,37 @@ def _render(
     total_frames = frames_for_samples(n16)
     session = engine.session(avatar)
     h, w = avatar.image.shape[:2]
-    # H.264 in yuv420p needs even sizes: drop a last odd row/column.
-    h2, w2 = h - h % 2, w - w % 2
-
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=out.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
     t0 = time.perf_counter()
     done = 0
+    writer = Mp4Writer(out, w, h, sr, reader.channels, cfg.crf)
     try:
-        with av.open(str(tmp), mode="w") as container:
-            vstream = container.add_stream("libx264", rate=FPS)
-            vstream.width, vstream.height = w2, h2
-            vstream.pix_fmt = "yuv420p"
-            vstream.options = {"crf": str(cfg.crf), "preset": "veryfast"}
-            vstream.codec_context.time_base = Fraction(1, FPS)
-            channels = 1 if reader.channels != 2 else 2
-            layout = "mono" if channels == 1 else "stereo"
-            a_rate = sr if sr in AAC_RATES_HZ else 48_000
-            astream = container.add_stream("aac", rate=a_rate, layout=layout)
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=a_rate)
-            pbar = _progress(cfg.progress, total_frames)
-            block = max(1, sr * cfg.chunk_ms // 1000)
-            a_pts = 0
+        pbar = _progress(cfg.progress, total_frames)
+        block = max(1, sr * cfg.chunk_ms // 1000)
 
-            def encode_audio(pcm: np.ndarray | None) -> None:
-                nonlocal a_pts
-                if pcm is None:
-                    frames = resampler.resample(None)
-                else:
-                    if channels == 1 and pcm.shape[1] != 1:
-                        pcm = pcm.mean(axis=1, keepdims=True)
-                    af = av.AudioFrame.from_ndarray(
-                        np.ascontiguousarray(pcm.T, dtype=np.float32), format="fltp", layout=layout
-                    )
-                    af.sample_rate = sr
-                    af.pts = a_pts
-                    af.time_base = Fraction(1, sr)
-                    a_pts += pcm.shape[0]
-                    frames = resampler.resample(af)
-                for f in frames:
-                    container.mux(astream.encode(f))
+        def encode_video(frames: list[Frame]) -> None:
+            nonlocal done
+            for fr in frames:
+                writer.write_video(fr.image, fr.pts)
+                if on_frame is not None:
+                    on_frame(fr)
+                done += 1
+                pbar.update(1)
 
-            def encode_video(frames: list[Frame]) -> None:
-                nonlocal done
-                for fr in frames:
-                    img = fr.image if (h2, w2) == (h, w) else fr.image[:h2, :w2]
-                    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-                    vf.pts = fr.pts
-                    vf.time_base = Fraction(1, FPS)
-                    container.mux(vstream.encode(vf))
-                    if on_frame is not None:
-                        on_frame(fr)
-                    done += 1
-                    pbar.update(1)
-
-            for pcm in reader.blocks(block):
-                session.push_audio(pcm, sr)
-                encode_audio(pcm)
-                while session.has_ready():
-                    encode_video(session.render_ready())
-            session.end_audio()
-            encode_audio(None)
+        for pcm in reader.blocks(block):
+            session.push_audio(pcm, sr)
+            writer.write_audio(pcm)
             while session.has_ready():
                 encode_video(session.render_ready())
-            container.mux(astream.encode(None))
-            container.mux(vstream.encode(None))
-            pbar.close()
+        session.end_audio()
+        writer.write_audio(None)
+        while session.has_ready():
+            encode_video(session.render_ready())
+        writer.finish()
+        pbar.close()
         assert done == total_frames, (done, total_frames)
-        os.replace(tmp, out)
+        writer.commit()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        writer.discard()
         raise
     wall = time.perf_counter() - t0
     return RenderResult(out, done, reader.duration_s, wall, engine.random_init)

@@ -2,7 +2,8 @@
 
 Model code calls ``landmark_attention`` and ``warp_blend`` from here. Each runs its registered
 custom op (``talkstream::landmark_attention``, ``talkstream::warp_blend``), which
-``torch.compile`` keeps as one node and which will dispatch to a fused kernel on GPU. Inside
+``torch.compile`` keeps as one node and which runs the fused Triton kernel on CUDA tensors when
+Triton is installed (``TRITON_AVAILABLE``) and the reference elsewhere. Inside
 ``with reference_kernels():`` they call the plain pure-torch references instead, so a traced
 graph (ONNX export) holds only standard ops.
 """
@@ -16,25 +17,32 @@ from collections.abc import Iterator
 from torch import Tensor
 
 from talkstream.kernels.attention import (
+    TRITON_AVAILABLE,
     check_landmark_attention_inputs,
     landmark_attention_op,
     landmark_attention_reference,
+    landmark_attention_triton,
 )
 from talkstream.kernels.warp import (
     check_warp_blend_inputs,
     warp_blend_op,
     warp_blend_reference,
+    warp_blend_triton,
 )
 
 __all__ = [
+    "TRITON_AVAILABLE",
+    "kernel_implementation",
     "landmark_attention",
     "landmark_attention_op",
     "landmark_attention_reference",
+    "landmark_attention_triton",
     "reference_kernels",
     "reference_kernels_enabled",
     "warp_blend",
     "warp_blend_op",
     "warp_blend_reference",
+    "warp_blend_triton",
 ]
 
 
@@ -70,6 +78,17 @@ def reference_kernels(enabled: bool = True) -> Iterator[None]:
 def reference_kernels_enabled() -> bool:
     """Whether the current context runs the pure-torch references (see ``reference_kernels``)."""
     return _MODE.reference
+
+
+def kernel_implementation(device: str) -> str:
+    """Which implementation the custom ops run on ``device``: ``"triton"`` or ``"reference"``.
+
+    For ``talkstream doctor`` and benchmark reports; the ops decide per call from the tensors
+    (CUDA and a float32/float16/bfloat16 dtype take the Triton kernel when it is installed).
+    """
+    if device.split(":", 1)[0] == "cuda" and TRITON_AVAILABLE:
+        return "triton"
+    return "reference"
 
 
 def landmark_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -57,38 +57,43 @@ N_PARAMS: Final = len(PARAMS)
 
 @dataclass(frozen=True)
 class Viseme:
-    """A mouth shape: a target per parameter and how strongly it holds each one."""
+    """A mouth shape: a target per parameter, how strongly it holds each one against its
+    neighbours, and how far in time its influence reaches (a factor on the anticipation and
+    carry-over time constants)."""
 
     name: str
     target: tuple[float, float, float, float, float]
     dominance: tuple[float, float, float, float, float]
+    reach: float = 1.0
 
 
 # Targets (jaw, spread, round, upper_lip, lower_lip) and dominances. Consonants that need an
 # articulation to be reached (lip closure, lip-teeth contact) dominate the lip parameters
-# strongly, so the closure happens even between two open vowels; vowels dominate evenly;
+# strongly but briefly (short reach), so the closure happens even between two open vowels
+# without swallowing them; vowels dominate evenly and actively keep the lower lip down;
 # schwa and /h/ are weak and take their shape from the neighbours.
 VISEMES: Final[tuple[Viseme, ...]] = (
     Viseme("rest", (0.0, 0.0, 0.0, 0.0, 0.0), (0.8, 0.8, 0.8, 0.8, 0.8)),
-    Viseme("PBM", (0.05, 0.0, 0.0, -0.3, 1.0), (6.0, 0.4, 0.4, 4.0, 10.0)),
-    Viseme("FV", (0.1, 0.05, 0.0, 0.3, 0.7), (4.0, 0.4, 0.4, 4.0, 6.0)),
-    Viseme("TH", (0.22, 0.1, 0.0, 0.15, 0.1), (3.0, 0.5, 0.4, 1.0, 1.0)),
-    Viseme("TDNL", (0.22, 0.1, 0.0, 0.05, 0.0), (1.5, 0.3, 0.2, 0.5, 0.5)),
-    Viseme("SZ", (0.1, 0.35, 0.0, 0.15, 0.0), (3.0, 1.0, 0.4, 1.0, 1.0)),
-    Viseme("SH", (0.15, -0.4, 0.7, 0.3, 0.0), (3.0, 2.0, 2.0, 1.0, 1.0)),
-    Viseme("KG", (0.3, 0.05, 0.0, 0.0, 0.0), (0.8, 0.2, 0.2, 0.2, 0.2)),
-    Viseme("R", (0.22, -0.35, 0.45, 0.1, 0.0), (1.0, 1.2, 1.2, 0.5, 0.5)),
-    Viseme("W", (0.1, -0.8, 1.0, 0.0, 0.0), (2.0, 3.0, 3.0, 1.0, 1.0)),
-    Viseme("AA", (0.95, 0.15, 0.0, 0.2, 0.0), (1.5, 1.0, 1.0, 1.0, 1.0)),
-    Viseme("EH", (0.55, 0.3, 0.0, 0.1, 0.0), (1.0, 1.0, 1.0, 1.0, 1.0)),
-    Viseme("AX", (0.35, 0.1, 0.0, 0.05, 0.0), (0.4, 0.4, 0.4, 0.4, 0.4)),
-    Viseme("IY", (0.2, 0.75, 0.0, 0.15, 0.0), (1.0, 1.5, 1.0, 1.0, 1.0)),
-    Viseme("OH", (0.6, -0.45, 0.65, 0.05, 0.0), (1.0, 1.5, 1.5, 1.0, 1.0)),
-    Viseme("UW", (0.25, -0.75, 1.0, 0.0, 0.0), (1.0, 2.0, 2.0, 1.0, 1.0)),
+    Viseme("PBM", (0.05, 0.0, 0.0, -0.3, 1.0), (1.5, 0.4, 0.4, 3.0, 20.0), 0.6),
+    Viseme("FV", (0.1, 0.05, 0.0, 0.3, 0.7), (1.5, 0.4, 0.4, 3.0, 10.0), 0.6),
+    Viseme("TH", (0.22, 0.1, 0.0, 0.15, 0.1), (2.0, 0.5, 0.4, 1.0, 1.0), 0.8),
+    Viseme("TDNL", (0.22, 0.1, 0.0, 0.05, 0.0), (1.0, 0.3, 0.2, 0.5, 1.0)),
+    Viseme("SZ", (0.1, 0.35, 0.0, 0.15, 0.0), (2.5, 1.0, 0.4, 1.0, 1.0), 0.8),
+    Viseme("SH", (0.15, -0.25, 0.7, 0.3, 0.0), (2.5, 2.0, 2.0, 1.0, 1.0), 0.8),
+    Viseme("KG", (0.3, 0.05, 0.0, 0.0, 0.0), (0.8, 0.2, 0.2, 0.2, 0.5)),
+    Viseme("R", (0.22, -0.25, 0.45, 0.1, 0.0), (1.0, 1.2, 1.2, 0.5, 1.0)),
+    Viseme("W", (0.1, -0.5, 1.0, 0.0, 0.0), (1.5, 3.0, 3.0, 1.0, 1.0), 0.8),
+    Viseme("AA", (0.95, 0.15, 0.0, 0.2, 0.0), (2.0, 1.0, 1.0, 1.0, 2.0)),
+    Viseme("EH", (0.55, 0.3, 0.0, 0.1, 0.0), (1.5, 1.0, 1.0, 1.0, 2.0)),
+    Viseme("AX", (0.35, 0.1, 0.0, 0.05, 0.0), (0.6, 0.4, 0.4, 0.4, 1.0)),
+    Viseme("IY", (0.2, 0.75, 0.0, 0.15, 0.0), (1.0, 1.5, 1.0, 1.0, 2.0)),
+    Viseme("OH", (0.6, -0.3, 0.65, 0.05, 0.0), (1.5, 1.5, 1.5, 1.0, 2.0)),
+    Viseme("UW", (0.25, -0.5, 1.0, 0.0, 0.0), (1.0, 2.0, 2.0, 1.0, 2.0)),
 )
 VISEME_INDEX: Final[dict[str, int]] = {v.name: i for i, v in enumerate(VISEMES)}
 _TARGETS: Final = np.array([v.target for v in VISEMES], dtype=np.float64)  # (V, P)
 _DOMINANCE: Final = np.array([v.dominance for v in VISEMES], dtype=np.float64)  # (V, P)
+_REACH: Final = np.array([v.reach for v in VISEMES], dtype=np.float64)  # (V,)
 # Visemes whose shape scales with how energetically the speaker articulates; closures do not
 # (a lazy /p/ still closes the lips).
 _SCALED_PARAMS: Final = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
@@ -221,8 +226,8 @@ def viseme_trajectory(
     times_s: np.ndarray,
     *,
     articulation: float = 1.0,
-    anticipation_s: float = 0.07,
-    carryover_s: float = 0.05,
+    anticipation_s: float = 0.05,
+    carryover_s: float = 0.04,
     smoothing_s: float = 0.012,
     resolution_s: float = 0.002,
 ) -> np.ndarray:
@@ -270,13 +275,15 @@ def viseme_trajectory(
     scale = 1.0 + (articulation - 1.0) * _SCALED_PARAMS  # (P,)
     for seg in segments:
         # Only the grid points within reach of the segment's tails matter.
-        lo = np.searchsorted(grid, seg.start_s - 4.0 * anticipation_s)
-        hi = np.searchsorted(grid, seg.end_s + 4.0 * carryover_s)
+        tau_a = anticipation_s * _REACH[seg.viseme]
+        tau_c = carryover_s * _REACH[seg.viseme]
+        lo = np.searchsorted(grid, seg.start_s - 4.0 * tau_a)
+        hi = np.searchsorted(grid, seg.end_s + 4.0 * tau_c)
         if hi <= lo:
             continue
         t = grid[lo:hi]  # (g,)
-        before = np.maximum(seg.start_s - t, 0.0) / anticipation_s
-        after = np.maximum(t - seg.end_s, 0.0) / carryover_s
+        before = np.maximum(seg.start_s - t, 0.0) / tau_a
+        after = np.maximum(t - seg.end_s, 0.0) / tau_c
         shape = np.exp(-(before**2) - after**2)  # (g,): 1 on the interval, smooth tails
         d = shape[:, None] * _DOMINANCE[seg.viseme][None, :]  # (g, P)
         num[lo:hi] += d * (_TARGETS[seg.viseme] * scale)[None, :]
@@ -299,7 +306,9 @@ def viseme_trajectory(
 _UPPER_OUTER: Final = np.array([49, 50, 51, 52, 53])
 _LOWER_OUTER: Final = np.array([55, 56, 57, 58, 59])
 _UPPER_INNER: Final = np.array([61, 62, 63])
-_LOWER_INNER: Final = np.array([65, 66, 67])
+# In iBUG order 61-63 run left to right and 65-67 right to left: pair them by column.
+_LOWER_INNER: Final = np.array([67, 66, 65])
+_LOWER_OUTER_MID: Final = np.array([58, 57, 56])  # the outer points below 67, 66, 65
 _CORNERS: Final = np.array([48, 54, 60, 64])
 _LIPS: Final = np.arange(48, 68)
 _JAW: Final = np.arange(0, 17)
@@ -310,8 +319,8 @@ JAW_DROP_H: Final = 0.28  # chin drop at jaw = 1
 UPPER_LIP_H: Final = 0.07  # upper-lip raise at upper_lip = 1
 LIP_PRESS_H: Final = 0.04  # how far past contact a closure pushes (lips compress)
 SPREAD_W: Final = 0.12  # corner displacement per unit spread, each side
-ROUND_OUTER_W: Final = 0.2  # horizontal narrowing of the outer lips at round = 1
-ROUND_INNER_W: Final = 0.35  # ... of the inner lips (the opening becomes round)
+ROUND_OUTER_W: Final = 0.12  # horizontal narrowing of the outer lips at round = 1
+ROUND_INNER_W: Final = 0.3  # ... of the inner lips (the opening becomes round)
 POUT_W: Final = 0.05  # protruded lips look fuller: outer lips move away from the centre
 JAW_NARROW: Final = 0.08  # the lower face narrows slightly as the jaw opens
 
@@ -329,7 +338,7 @@ class MouthGeometry:
     local: np.ndarray  # (68, 2) neutral in the (u, v) frame about ``centre``
     gap: np.ndarray  # (68,) neutral inner-lip gap at each point's column (0 off the mouth)
     lower_follow: np.ndarray  # (68,) how much of the jaw drop each point follows
-    thickness: np.ndarray  # (3,) neutral lower-lip thickness at the inner lower points
+    thickness: np.ndarray  # (3,) neutral lower-lip thickness below points 67, 66, 65
 
     @classmethod
     def from_neutral(cls, neutral: np.ndarray) -> MouthGeometry:
@@ -375,8 +384,7 @@ class MouthGeometry:
         follow[lower] = 0.35 + 0.6 * (1.0 - a[lower] ** 2)
         follow[upper] = 0.35 * a[upper] ** 4
         follow[_CORNERS] = 0.35
-        thickness = local[[57, 57, 57], 1] - local[_LOWER_INNER, 1]  # rough, centre column
-        thickness = np.maximum(local[[55, 57, 59], 1] - local[_LOWER_INNER, 1], 0.5)
+        thickness = np.maximum(local[_LOWER_OUTER_MID, 1] - local[_LOWER_INNER, 1], 0.5)
         return cls(
             neutral=pts,
             centre=centre,
@@ -454,12 +462,8 @@ def params_to_landmarks(geometry: MouthGeometry, params: np.ndarray) -> np.ndarr
     floor = np.minimum(g.local[_LOWER_INNER, 1] - g.local[_UPPER_INNER, 1], 0.0)  # (3,)
     top = loc[:, _UPPER_INNER, 1] + floor[None]  # (T, 3)
     loc[:, _LOWER_INNER, 1] = np.maximum(loc[:, _LOWER_INNER, 1], top)
-    min_thick = 0.4 * g.thickness  # (3,)
-    for outer_idx, inner_k in ((57, 1), (56, 1), (58, 1), (55, 0), (59, 2)):
-        # 55/56 pair with 65 side, 58/59 with 67 side in iBUG order; 57 with 66.
-        pass
-    below = loc[:, _LOWER_INNER, 1] + min_thick[None]  # (T, 3) for 55|56, 57, 58|59 columns
-    loc[:, [56, 57, 58], 1] = np.maximum(loc[:, [56, 57, 58], 1], below[:, [0, 1, 2]])
+    below = loc[:, _LOWER_INNER, 1] + 0.4 * g.thickness[None]  # (T, 3)
+    loc[:, _LOWER_OUTER_MID, 1] = np.maximum(loc[:, _LOWER_OUTER_MID, 1], below)
 
     # Back to crop pixels.
     out = g.centre[None, None, :] + loc[..., 0:1] * g.u + loc[..., 1:2] * g.v  # (T, 68, 2)

@@ -1,0 +1,86 @@
+"""Configuration of live streaming: the per-stream latency budget and the server's limits.
+
+Built once at the entry point (``talkstream serve``, a test, a benchmark) and passed down, like
+:class:`talkstream.config.EngineConfig`, which it holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from talkstream.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One avatar stream: its latency budget and its bounds.
+
+    The output delay of a stream (its latency budget) is the pipeline's algorithmic latency
+    (``Session.latency_s``) plus ``jitter_budget_ms`` (live input only) plus
+    ``compute_budget_ms``.
+    """
+
+    # Live input may arrive this late (network jitter, 20 ms packets) before silence stands in.
+    jitter_budget_ms: float = 40.0
+    # Time a frame may take to render (queueing in the shared worker included).
+    compute_budget_ms: float = 60.0
+    # Frames rendered per engine call for one stream: small, since every frame has a deadline.
+    render_batch: int = 2
+    # Presenter speech is fed to the session this far ahead of the clock: frames can render
+    # early, and an interrupt still takes effect within about this much.
+    presenter_lead_ms: float = 40.0
+    # Queued presenter speech beyond this is refused (429), so memory stays bounded.
+    max_queued_speech_s: float = 120.0
+    # Live input that runs further ahead of the clock than this is dropped (a flooding sender).
+    max_input_ahead_ms: float = 1000.0
+    # Timeline kept for the delayed audio replay; must exceed the latency budget.
+    replay_buffer_s: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("jitter_budget_ms", "compute_budget_ms", "presenter_lead_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.render_batch < 1:
+            raise ValueError(f"render_batch must be >= 1, got {self.render_batch}")
+        if not self.replay_buffer_s >= 1.0:
+            raise ValueError(f"replay_buffer_s must be >= 1 s, got {self.replay_buffer_s}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``talkstream serve``: where to listen, what to show, and the limits that keep it up."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Avatar streams that render at once: live sessions plus presenters (503 beyond).
+    max_sessions: int = 4
+    # Viewers of presenters, over all presenters (each costs a video encoder).
+    max_viewers: int = 16
+    # A live session with no input audio, or a presenter with neither pushes nor viewers, for
+    # this long is closed.
+    idle_timeout_s: float = 60.0
+    max_offer_bytes: int = 64 * 1024  # an SDP offer is ~3-8 KB
+    max_push_bytes: int = 8 * 1024 * 1024  # one speech push (HTTP body or WebSocket message)
+    image: Path | None = None  # None: the bundled default face
+    landmarks: Path | None = None
+    # Gather and accept only loopback ICE candidates (tests, benchmarks, one-machine demos).
+    ice_loopback_only: bool = False
+    # Negotiate no receiver bitrate estimates (goog-remb): aiortc restarts its video encoder at
+    # every estimate change, a visible quality pulse; see talkstream.streaming.sdp.without_remb.
+    steady_video_bitrate: bool = True
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_viewers < 0:
+            raise ValueError(f"max_viewers must be >= 0, got {self.max_viewers}")
+        if not self.idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+
+
+__all__ = ["ServeConfig", "StreamConfig"]

@@ -1,0 +1,561 @@
+"""``talkstream live``: a local microphone in, the avatar out on a virtual camera or into a file.
+
+Threads and clocks:
+
+- PortAudio's callback thread (``mic.MicCapture``) hands each 20 ms chunk to
+  ``Session.push_audio`` and to a queue for the file's audio track, then counts its samples.
+  That sample counter is the media clock. The thread never waits for anything else.
+- The calling thread (``LiveLoop.run``) renders and sends. Output slot ``k`` (25 per second)
+  is due when the audio clock reaches ``k / 25 s + delay``, where ``delay`` is the session's
+  algorithmic latency (lookahead, frontend) plus a compute budget. A due slot shows frame ``k``
+  if it was rendered in time, else the last frame again. A frame whose slot has already gone is
+  dropped before it is rendered, so a slow renderer falls back to a lower frame rate instead of
+  an ever-growing delay, and the audio clock is never held up by compute.
+
+The file output gets every slot (25 fps exactly, in sync with the captured audio from its first
+sample); the virtual camera gets the same slots as they fall due.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from talkstream.config import FPS, SAMPLE_RATE_HZ, EngineConfig
+from talkstream.errors import TalkstreamError
+
+if TYPE_CHECKING:  # the engine pulls in torch: imported only when a capture really runs
+    from talkstream.engine.avatar import Avatar
+    from talkstream.engine.pipeline import Engine, Session
+    from talkstream.streaming.mic import AudioSystem, InputDevice
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("vcam", "file")
+DEFAULT_OUT = Path("live.mp4")
+# Headroom for rendering beyond the session's algorithmic latency: covers the 20 ms capture
+# granularity plus one render of the tiny model on a 2-core CPU with room to spare.
+DEFAULT_COMPUTE_BUDGET_MS = 100.0
+WAKE_INTERVAL_S = 0.05  # how often the loop looks at stop requests when no audio comes
+INT16_FULL_SCALE = 32768.0
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """What ``talkstream live`` does: where the audio comes from and where the avatar goes."""
+
+    output: str = "vcam"  # "vcam" or "file"
+    out: Path = DEFAULT_OUT  # with output == "file"
+    duration_s: float | None = None  # None: until interrupted (Ctrl-C)
+    input_device: str | None = None  # index or (part of) a name; None: the default input
+    vcam_device: str | None = None  # e.g. /dev/video4; None: the first free one
+    image: Path | None = None  # None: the bundled default face
+    landmarks: Path | None = None
+    pace_input: bool = False  # throttle an unclocked input device to real time
+    compute_budget_ms: float = DEFAULT_COMPUTE_BUDGET_MS
+    crf: int = 20
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output {self.output!r} is not one of {OUTPUTS}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise TalkstreamError(f"--duration must be > 0 seconds, got {self.duration_s}")
+        if not self.compute_budget_ms >= 0:
+            raise TalkstreamError(f"--compute-budget-ms must be >= 0, got {self.compute_budget_ms}")
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+
+class FrameSink(Protocol):
+    """Where the live loop's frames (and, for a file, the captured audio) go."""
+
+    description: str
+
+    def audio(self, pcm: np.ndarray, rate_hz: int) -> None: ...
+
+    def video(self, image: np.ndarray, pts: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class FileSink:
+    """An H.264 mp4 at 25 fps with the captured audio muxed in (render.py's writer)."""
+
+    def __init__(self, out: Path, width: int, height: int, rate_hz: int, crf: int) -> None:
+        from talkstream.engine.render import Mp4Writer
+
+        self.description = f"wrote {out}"
+        self.writer = Mp4Writer(out, width, height, rate_hz, channels=1, crf=crf)
+
+    def audio(self, pcm: np.ndarray, rate_hz: int) -> None:
+        assert rate_hz == self.writer.sample_rate_hz, (rate_hz, self.writer.sample_rate_hz)
+        self.writer.write_audio(pcm.astype(np.float32)[:, None] / INT16_FULL_SCALE)  # (n, 1)
+
+    def video(self, image: np.ndarray, pts: int) -> None:
+        self.writer.write_video(image, pts)
+
+    def finish(self) -> None:
+        self.writer.write_audio(None)
+        self.writer.finish()
+        self.writer.commit()
+
+    def abort(self) -> None:
+        self.writer.discard()
+
+
+class VcamSink:
+    """The virtual camera; the captured audio is not sent (the call app takes the mic itself)."""
+
+    def __init__(self, width: int, height: int, device: str | None) -> None:
+        from talkstream.streaming.vcam import VirtualCameraSink
+
+        self.camera = VirtualCameraSink(width, height, device)
+        self.description = f"sent to virtual camera {self.camera.device}"
+
+    def audio(self, pcm: np.ndarray, rate_hz: int) -> None:
+        pass
+
+    def video(self, image: np.ndarray, pts: int) -> None:
+        self.camera.send(image)
+
+    def finish(self) -> None:
+        self.camera.close()
+
+    def abort(self) -> None:
+        self.camera.close()
+
+
+def open_sink(cfg: LiveConfig, width: int, height: int, rate_hz: int) -> FrameSink:
+    if cfg.output == "file":
+        return FileSink(cfg.out, width, height, rate_hz, cfg.crf)
+    return VcamSink(width, height, cfg.vcam_device)
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+class AudioSource(Protocol):
+    """What the loop needs of a capture (``mic.MicCapture``): it calls ``on_audio`` itself."""
+
+    device: InputDevice
+    rate_hz: int
+    overflows: int
+    error: BaseException | None
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def active(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class LiveStats:
+    """What a live run did. ``rendered + dropped == frames_out`` once it has finished."""
+
+    samples: int = 0
+    rate_hz: int = 0
+    frames_out: int = 0  # slots sent: 25 per second of audio
+    rendered: int = 0  # frames rendered, each shown in its own slot
+    dropped: int = 0  # frames skipped because their slot had already gone
+    delay_s: float = 0.0  # audio clock to slot: algorithmic latency + compute budget
+    render_ms: list[float] = field(default_factory=list)
+    overflows: int = 0
+    interrupted: bool = False
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / self.rate_hz if self.rate_hz else 0.0
+
+    def render_ms_pct(self, q: float) -> float:
+        return float(np.percentile(self.render_ms, q)) if self.render_ms else float("nan")
+
+
+class LiveLoop:
+    """Paces one session's frames by the microphone's sample counter (see the module doc)."""
+
+    def __init__(self, session: Session, sink: FrameSink, delay_s: float) -> None:
+        self.session = session
+        # One frame per render call: the clock is checked again between frames, so a frame
+        # is rendered only while it can still make its slot.
+        session.max_batch = 1
+        self.sink = sink
+        self.delay_s = delay_s
+        self.stats = LiveStats(delay_s=delay_s)
+        self._samples = 0  # written by the capture thread only
+        self._rate_hz = 0
+        self._audio: collections.deque[np.ndarray] = collections.deque()
+        self._wake = threading.Event()
+        self._next_slot = 0
+        self._taken_until = 0  # frames handed out by the session so far
+        self._pending: dict[int, np.ndarray] = {}  # rendered frames waiting for their slot
+        self._last = session.prepared.avatar.image  # shown until the first frame is rendered
+
+    # Runs in PortAudio's thread: push, queue and count, nothing that waits.
+    def on_audio(self, pcm: np.ndarray, rate_hz: int) -> None:
+        self.session.push_audio(pcm, rate_hz)
+        # Drained by the loop after every render, so it holds at most one render's worth.
+        self._audio.append(pcm)
+        self._rate_hz = rate_hz
+        self._samples += pcm.shape[0]  # last: the clock never runs ahead of pushed audio
+        self._wake.set()
+
+    def clock_s(self) -> float:
+        return self._samples / self._rate_hz if self._rate_hz else 0.0
+
+    def run(self, capture: AudioSource, stop: threading.Event) -> LiveStats:
+        """Capture until ``capture`` finishes or ``stop`` is set; then send the remaining frames."""
+        capture.start()
+        try:
+            while not capture.finished and not stop.is_set():
+                self._wake.wait(WAKE_INTERVAL_S)
+                self._wake.clear()
+                self._service(final=False)
+                if not capture.finished and not capture.active:
+                    raise TalkstreamError(
+                        f"the input device '{capture.device.name}' stopped delivering audio "
+                        "(unplugged, or taken by another program?)"
+                    )
+        finally:
+            capture.stop()
+        if capture.error is not None:
+            raise capture.error
+        self.stats.interrupted = stop.is_set() and not capture.finished
+        # Slots that fell due while the capture ended still go by the clock (and an unclocked
+        # device may have delivered everything at once); only the tail after it is rendered
+        # regardless.
+        self._service(final=False)
+        self.session.end_audio()
+        self._service(final=True)
+        st = self.stats
+        st.samples, st.rate_hz, st.overflows = self._samples, capture.rate_hz, capture.overflows
+        assert st.frames_out == self._taken_until == st.rendered + st.dropped, st
+        return st
+
+    def _service(self, final: bool) -> None:
+        """Send due slots, render the frames that can still make their slot, send again.
+
+        ``final``: the audio has ended, the clock stops; every remaining frame is rendered and
+        every remaining slot sent (for a file that is the clip's tail).
+        """
+        self._drain_audio()
+        if not final:
+            self._send_due()
+        while True:
+            # A frame whose slot has gone is skipped unrendered: rendering it would only make
+            # the next one late too.
+            skipped = self.session.skip_until(self._next_slot)
+            self.stats.dropped += skipped
+            self._taken_until += skipped
+            t0 = time.perf_counter()
+            frames = self.session.render_ready()  # one frame (max_batch 1): see __init__
+            if not frames:
+                break
+            self.stats.render_ms.append((time.perf_counter() - t0) * 1e3)
+            for frame in frames:
+                self.stats.rendered += 1
+                self._pending[frame.pts] = frame.image
+                self._taken_until = frame.pts + 1
+            if not final:
+                self._drain_audio()
+                self._send_due()
+        if final:
+            self._drain_audio()
+            while self._next_slot < self._taken_until:
+                self._send_slot()
+        else:
+            self._send_due()
+
+    def _drain_audio(self) -> None:
+        while self._audio:
+            self.sink.audio(self._audio.popleft(), self._rate_hz)
+
+    def _send_due(self) -> None:
+        # A due slot's audio is in (delay >= the session's latency), so its frame is ready or
+        # was skipped; either way the slot goes out now, never later.
+        now = self.clock_s()
+        while self._next_slot / FPS + self.delay_s <= now:
+            self._send_slot()
+
+    def _send_slot(self) -> None:
+        k = self._next_slot
+        # A dropped frame's slot shows the previous image again.
+        image = self._pending.pop(k, self._last)
+        self._last = image
+        self.sink.video(image, k)
+        self.stats.frames_out += 1
+        self._next_slot = k + 1
+
+
+def warm_up(engine: Engine, avatar: Avatar) -> float:
+    """Render one throwaway frame so first-call costs never land on the live stream; seconds."""
+    t0 = time.perf_counter()
+    session = engine.session(avatar)
+    session.push_audio(np.zeros(SAMPLE_RATE_HZ // 2, np.float32), SAMPLE_RATE_HZ)
+    session.max_batch = 1
+    session.render_ready()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class LiveResult:
+    stats: LiveStats
+    device: InputDevice
+    sink: str
+    warm_up_s: float
+    random_init: bool
+
+
+def run_live(
+    cfg: LiveConfig,
+    system: AudioSystem,
+    device: InputDevice,
+    stop: threading.Event,
+    engine: Engine | None = None,
+) -> LiveResult:
+    """Capture ``device`` and send the avatar to ``cfg.output`` until done or ``stop`` is set."""
+    from talkstream.config import RenderConfig
+    from talkstream.engine.pipeline import Engine
+    from talkstream.engine.render import check_out_path, load_avatar_for_render
+    from talkstream.streaming.mic import MicCapture
+
+    cfg.validate()
+    if cfg.output == "file":
+        check_out_path(cfg.out)
+    own_engine = engine is None
+    eng = engine if engine is not None else Engine(cfg.engine)
+    try:
+        rcfg = RenderConfig(
+            out=cfg.out, image=cfg.image, landmarks=cfg.landmarks, engine=cfg.engine
+        )
+        avatar = load_avatar_for_render(rcfg, eng.crop_size)
+        warm_s = warm_up(eng, avatar)
+        log.info("warm-up %.2f s", warm_s)
+        session = eng.session(avatar)
+        delay_s = session.latency_s + cfg.compute_budget_ms / 1e3
+        h, w = avatar.image.shape[:2]
+        # The capture picks its rate, the sink needs it, and the loop needs the sink: the
+        # loop's callback is attached last, before the stream starts.
+        capture = MicCapture(system, device, pace=cfg.pace_input)
+        if cfg.duration_s is not None:
+            capture.max_samples = round(cfg.duration_s * capture.rate_hz)
+        sink = open_sink(cfg, w, h, capture.rate_hz)
+        try:
+            loop = LiveLoop(session, sink, delay_s)
+            capture.on_audio = loop.on_audio
+            stats = loop.run(capture, stop)
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        return LiveResult(stats, device, sink.description, warm_s, eng.random_init)
+    finally:
+        if own_engine:
+            eng.close()
+
+
+# -- command line ----------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Capture a local microphone and render the avatar speaking it in real time: to a virtual
+camera for video-call apps (Linux needs the v4l2loopback module), or to an mp4 with the
+captured audio. Frames are paced by the microphone's clock; when rendering falls behind,
+late frames are dropped. Stop with Ctrl-C or --duration.
+"""
+
+EPILOG = """\
+examples:
+  talkstream live                               default mic -> virtual camera (v4l2loopback)
+  talkstream live --out talk.mp4 --duration 10  10 s from the default mic into an mp4
+  talkstream live --list-devices                what PortAudio sees (mics, virtual cameras)
+  talkstream live --input-device "USB" --image me.jpg --landmarks me.json
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    engine_config: Callable[[argparse.Namespace], EngineConfig],
+) -> None:
+    """Register ``talkstream live`` (light: PyAudio and the engine load only when it runs)."""
+    p = sub.add_parser(
+        "live",
+        help="speak into a microphone; the avatar speaks on a virtual camera or into an mp4",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default=None,
+        help="vcam: a virtual camera; file: an mp4 (default: file when --out is given, else vcam)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"mp4 to write with --output file ({DEFAULT_OUT})"
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="stop after S seconds of audio (default: run until Ctrl-C)",
+    )
+    p.add_argument(
+        "--input-device",
+        default=None,
+        metavar="DEV",
+        help="microphone: index or (part of) the name from --list-devices; default: the "
+        "system's default input",
+    )
+    p.add_argument(
+        "--list-devices", action="store_true", help="list input devices and virtual cameras"
+    )
+    p.add_argument(
+        "--vcam-device", default=None, metavar="DEV", help="virtual camera, e.g. /dev/video4"
+    )
+    p.add_argument(
+        "--image", type=Path, default=None, help="face photo; default: scikit-image's astronaut"
+    )
+    p.add_argument(
+        "--landmarks", type=Path, default=None, help="JSON with the photo's 68 iBUG landmarks"
+    )
+    p.add_argument(
+        "--pace-input",
+        action="store_true",
+        help="throttle the input to real time: for unclocked devices such as an ALSA file "
+        "plugin (a real microphone is clocked by its hardware)",
+    )
+    p.add_argument(
+        "--compute-budget-ms",
+        type=float,
+        default=DEFAULT_COMPUTE_BUDGET_MS,
+        help="time allowed for rendering a frame on top of the audio lookahead; frames later "
+        f"than that are dropped (default {DEFAULT_COMPUTE_BUDGET_MS:g})",
+    )
+    p.add_argument("--crf", type=int, default=20, help="H.264 quality for --output file (20)")
+    add_engine_args(p)
+    p.set_defaults(func=lambda a: _cmd_live(a, engine_config))
+
+
+def _config_from_args(a: argparse.Namespace, engine_config: EngineConfig) -> LiveConfig:
+    output = a.output or ("file" if a.out is not None else "vcam")
+    if output == "vcam" and a.out is not None:
+        raise TalkstreamError("--out is for --output file; the virtual camera writes no file")
+    return LiveConfig(
+        output=output,
+        out=a.out or DEFAULT_OUT,
+        duration_s=a.duration,
+        input_device=a.input_device,
+        vcam_device=a.vcam_device,
+        image=a.image,
+        landmarks=a.landmarks,
+        pace_input=a.pace_input,
+        compute_budget_ms=a.compute_budget_ms,
+        crf=a.crf,
+        engine=engine_config,
+    )
+
+
+def list_devices(system: AudioSystem) -> str:
+    """A listing of input devices (default marked ``*``) and loopback video devices."""
+    from talkstream.streaming.mic import NO_MICROPHONE_HELP
+    from talkstream.streaming.vcam import loopback_devices, platform_help
+
+    lines = ["input devices (* = default):"]
+    devices = system.input_devices()
+    lines += [d.describe() for d in devices] or [f"  none: {NO_MICROPHONE_HELP}"]
+    lines.append("virtual cameras:")
+    cams = loopback_devices()
+    lines += [f"  {c}" for c in cams] or [f"  none found: {platform_help()}"]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl-C ends the capture cleanly (the file is finished); a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("stopping (Ctrl-C again to abort)")
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _cmd_live(
+    a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], EngineConfig]
+) -> int:
+    from talkstream.streaming.mic import AudioSystem, select_input_device
+
+    if a.list_devices:
+        with AudioSystem() as system:
+            print(list_devices(system))
+        return 0
+    cfg = _config_from_args(a, engine_config(a))
+    cfg.validate()
+    # Fail fast, before a model loads, on what can be checked without one.
+    if cfg.output == "file":
+        from talkstream.engine.render import check_out_path
+
+        check_out_path(cfg.out)
+    else:
+        from talkstream.streaming.vcam import import_pyvirtualcam
+
+        import_pyvirtualcam()
+    stop = threading.Event()
+    with AudioSystem() as system:
+        device = select_input_device(system.input_devices(), cfg.input_device)
+        with _ctrl_c_stops(stop):
+            res = run_live(cfg, system, device, stop)
+    st = res.stats
+    note = " (random weights: no trained checkpoint)" if res.random_init else ""
+    how = "stopped" if st.interrupted else "done"
+    print(
+        f"live {how}: {st.audio_s:.2f} s of audio from '{res.device.name}' at {st.rate_hz} Hz; "
+        f"{st.frames_out} frames at {FPS} fps ({st.rendered} rendered, {st.dropped} dropped late, "
+        f"render p50 {st.render_ms_pct(50):.0f} ms, p99 {st.render_ms_pct(99):.0f} ms); "
+        f"video delay {st.delay_s * 1e3:.0f} ms; {res.sink}{note}"
+    )
+    if st.overflows:
+        print(f"warning: the input overflowed {st.overflows} time(s): audio was lost")
+    return 0

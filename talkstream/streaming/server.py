@@ -1,0 +1,519 @@
+"""``talkstream serve``: the aiohttp + aiortc server.
+
+Endpoints (every error is JSON ``{"error": reason}`` with a 4xx/5xx status):
+
+=========================================  ==================================================
+``GET /``                                  the web client (``static/``)
+``POST /offer``                            ``{"sdp", "type": "offer"}`` -> the answer plus
+                                           ``session_id``: a live session (your microphone
+                                           drives the avatar you watch)
+``GET /sessions/{id}/stats``               fps, drops, latency budget of a live session
+``GET /sessions/{id}/trace``               per-frame landmark motion and input level
+                                           (media time), for benchmarks and diagnosis
+``DELETE /sessions/{id}``                  hang up
+``GET /presenters``                        presenters and their viewer counts
+``POST /presenters/{name}``                create a presenter (pushes create one too)
+``DELETE /presenters/{name}``              close it and its viewers
+``POST /presenters/{name}/speech``         push speech: ``audio/wav``, or raw PCM as
+                                           ``application/octet-stream`` with ``?rate=&channels=
+                                           &format=s16le|f32le``
+``POST /presenters/{name}/interrupt``      drop the queued speech
+``GET /presenters/{name}/ws``              WebSocket push: binary PCM messages (format from
+                                           the query, as above), text ``{"type": "interrupt"}``
+``POST /presenters/{name}/offer``          watch a presenter (receive-only offer)
+``GET /presenters/{name}/stats``           as for sessions
+``GET /health``                            liveness and capacity
+``GET /metrics``                           Prometheus text format
+=========================================  ==================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import time
+from importlib import resources
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from talkstream.config import FPS, SAMPLE_RATE_HZ
+from talkstream.engine.avatar import (
+    Avatar,
+    default_image,
+    default_landmarks,
+    load_image,
+    prepare_avatar,
+)
+from talkstream.engine.landmarks import load_landmarks_json
+from talkstream.engine.pipeline import Engine
+from talkstream.streaming.config import ServeConfig
+from talkstream.streaming.media import (
+    SpeechFormatError,
+    UnsupportedMediaTypeError,
+    decode_raw,
+    decode_speech,
+    raw_format,
+)
+from talkstream.streaming.metrics import Registry
+from talkstream.streaming.sdp import OfferError, check_offer
+from talkstream.streaming.sessions import CapacityError, NotFoundError, SessionManager
+from talkstream.streaming.tracks import AvatarStream, QueueFullError
+
+log = logging.getLogger(__name__)
+
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+READ_CHUNK_BYTES = 64 * 1024
+WARMUP_AUDIO_S = 1.0
+MANAGER_KEY: web.AppKey[SessionManager] = web.AppKey("manager", SessionManager)
+CONFIG_KEY: web.AppKey[ServeConfig] = web.AppKey("config", ServeConfig)
+STARTED_KEY: web.AppKey[float] = web.AppKey("started", float)
+REGISTRY_KEY: web.AppKey[Registry] = web.AppKey("registry", Registry)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def error(status: int, reason: str) -> web.Response:
+    """A JSON error response."""
+    return web.json_response({"error": reason}, status=status)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused (413) beyond ``limit`` bytes without reading it all."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            actual_size=request.content_length,
+            text=json.dumps({"error": f"body of {request.content_length} bytes is over the "
+                             f"limit of {limit} bytes"}),
+            content_type="application/json",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=limit,
+                actual_size=size,
+                text=json.dumps({"error": f"body is over the limit of {limit} bytes"}),
+                content_type="application/json",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_offer(request: web.Request, cfg: ServeConfig) -> str:
+    """The SDP of a JSON ``{"sdp", "type": "offer"}`` body; :class:`OfferError` if bad."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"Content-Type must be application/json, got {request.content_type!r}"
+        )
+    body = await read_body(request, cfg.max_offer_bytes)
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OfferError(f"the body is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise OfferError("the body must be a JSON object {\"sdp\": ..., \"type\": \"offer\"}")
+    sdp, kind = data.get("sdp"), data.get("type")
+    if kind != "offer":
+        raise OfferError(f"type must be \"offer\", got {kind!r}")
+    if not isinstance(sdp, str) or not sdp:
+        raise OfferError("sdp must be a non-empty string")
+    return sdp
+
+
+def load_avatar(cfg: ServeConfig, crop_size: int) -> Avatar:
+    """The avatar the config names (the bundled astronaut by default)."""
+    acfg = dataclasses.replace(cfg.engine.avatar, crop_size=crop_size)
+    landmarks = load_landmarks_json(cfg.landmarks) if cfg.landmarks is not None else None
+    if cfg.image is None:
+        return prepare_avatar(
+            default_image(),
+            acfg,
+            landmarks=default_landmarks() if landmarks is None else landmarks,
+            source_name="the default face",
+        )
+    image = load_image(cfg.image, acfg)
+    return prepare_avatar(image, acfg, landmarks=landmarks, source_name=str(cfg.image))
+
+
+def warm_up(engine: Engine, avatar: Avatar) -> float:
+    """Render a second of frames once, so no user's first frame pays for warm-up; returns s."""
+    t0 = time.perf_counter()
+    session = engine.session(avatar)
+    rng = np.random.default_rng(0)
+    session.push_audio(
+        (0.1 * rng.standard_normal(int(WARMUP_AUDIO_S * SAMPLE_RATE_HZ))).astype(np.float32),
+        SAMPLE_RATE_HZ,
+    )
+    session.end_audio()
+    session.max_batch = 1  # live streams render one or two frames at a time
+    n = 0
+    while session.has_ready() and n < WARMUP_AUDIO_S * FPS:
+        n += len(session.render_ready())
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return await static(request, "index.html")
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    return await static(request, request.match_info["name"])
+
+
+async def static(request: web.Request, name: str) -> web.StreamResponse:
+    if name not in STATIC_FILES:
+        return error(404, f"no static file {name!r}")
+    data = resources.files("talkstream.streaming").joinpath("static", name).read_bytes()
+    return web.Response(
+        body=data,
+        content_type=STATIC_FILES[name],
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+async def offer(request: web.Request) -> web.Response:
+    cfg, mgr = request.app[CONFIG_KEY], request.app[MANAGER_KEY]
+    try:
+        sdp = await read_offer(request, cfg)
+        check_offer(sdp, need_mic=True, max_bytes=cfg.max_offer_bytes)
+        peer, answer = await mgr.create_live(sdp)
+    except UnsupportedMediaTypeError as e:
+        return error(415, str(e))
+    except OfferError as e:
+        return error(400, str(e))
+    except CapacityError as e:
+        return error(503, str(e))
+    except ValueError as e:  # aiortc rejects an offer it parsed but cannot negotiate
+        log.info("offer refused: %s", e)
+        return error(400, f"the offer cannot be negotiated: {e}")
+    return web.json_response(
+        {
+            "sdp": answer.sdp,
+            "type": answer.type,
+            "session_id": peer.id,
+            "latency_budget_ms": {k: round(v * 1000, 1) for k, v in peer.stream.budget.items()},
+            "mouth_box": mouth_box(peer.stream),
+        }
+    )
+
+
+def mouth_box(stream: AvatarStream) -> list[int]:
+    """The mouth region [x0, y0, x1, y1] in frame pixels (for probes and tests)."""
+    av = stream.avatar
+    inv = np.linalg.inv(np.vstack([av.frame_to_crop, [0.0, 0.0, 1.0]]))[:2]  # crop -> frame
+    pts = av.neutral[48:68] @ inv[:, :2].T + inv[:, 2]  # (20, 2) lips in frame pixels
+    (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+    pad = 0.25 * (x1 - x0)
+    h, w = av.image.shape[:2]
+    return [
+        max(int(x0 - pad), 0),
+        max(int(y0 - pad), 0),
+        min(int(np.ceil(x1 + pad)), w),
+        min(int(np.ceil(y1 + 2 * pad)), h),  # the jaw drops: more room below
+    ]
+
+
+async def session_stats(request: web.Request) -> web.Response:
+    try:
+        peer = request.app[MANAGER_KEY].get_peer(request.match_info["id"])
+    except NotFoundError as e:
+        return error(404, str(e))
+    return web.json_response({"session_id": peer.id, **peer.stream.snapshot()})
+
+
+async def session_trace(request: web.Request) -> web.Response:
+    try:
+        peer = request.app[MANAGER_KEY].get_peer(request.match_info["id"])
+    except NotFoundError as e:
+        return error(404, str(e))
+    return web.json_response(peer.stream.trace())
+
+
+async def session_delete(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER_KEY]
+    try:
+        peer = mgr.get_peer(request.match_info["id"])
+    except NotFoundError as e:
+        return error(404, str(e))
+    await mgr.close_peer(peer, "hung up")
+    return web.json_response({"closed": peer.id})
+
+
+def _presenter_error(e: Exception) -> web.Response:
+    if isinstance(e, NotFoundError):
+        return error(404, str(e))
+    if isinstance(e, CapacityError):
+        return error(503, str(e))
+    return error(400, str(e))
+
+
+async def presenters_list(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER_KEY]
+    return web.json_response(
+        {
+            "presenters": [
+                {"name": p.name, "viewers": len(p.viewers), **p.stream.snapshot()}
+                for p in mgr.presenters.values()
+            ]
+        }
+    )
+
+
+async def presenter_create(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER_KEY]
+    name = request.match_info["name"]
+    try:
+        existed = name in mgr.presenters
+        pres = mgr.presenter(name)
+    except (ValueError, CapacityError) as e:
+        return _presenter_error(e)
+    return web.json_response(
+        {"name": pres.name, "created": not existed}, status=200 if existed else 201
+    )
+
+
+async def presenter_delete(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER_KEY]
+    try:
+        pres = mgr.get_presenter(request.match_info["name"])
+    except (ValueError, NotFoundError) as e:
+        return _presenter_error(e)
+    await mgr.close_presenter(pres.name)
+    return web.json_response({"closed": pres.name})
+
+
+async def presenter_speech(request: web.Request) -> web.Response:
+    cfg, mgr = request.app[CONFIG_KEY], request.app[MANAGER_KEY]
+    name = request.match_info["name"]
+    try:
+        mgr.check_name(name)
+        # Decode before creating anything: a bad push leaves no presenter behind.
+        data = await read_body(request, cfg.max_push_bytes)
+        pcm, rate = decode_speech(request.content_type, data, request.query)
+        pres = mgr.presenter(name)
+        queued = pres.stream.push_speech(pcm, rate)
+    except UnsupportedMediaTypeError as e:
+        return error(415, str(e))
+    except QueueFullError as e:
+        return error(429, str(e))
+    except (SpeechFormatError, ValueError, TypeError, CapacityError) as e:
+        return _presenter_error(e)
+    return web.json_response(
+        {"presenter": name, "pushed_s": round(pcm.shape[0] / rate, 3), "queued_s": queued}
+    )
+
+
+async def presenter_interrupt(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER_KEY]
+    try:
+        pres = mgr.get_presenter(request.match_info["name"])
+    except (ValueError, NotFoundError) as e:
+        return _presenter_error(e)
+    dropped = pres.stream.interrupt()
+    return web.json_response({"presenter": pres.name, "dropped_s": round(dropped, 3)})
+
+
+async def presenter_stats(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER_KEY]
+    try:
+        pres = mgr.get_presenter(request.match_info["name"])
+    except (ValueError, NotFoundError) as e:
+        return _presenter_error(e)
+    return web.json_response({"viewers": len(pres.viewers), **pres.stream.snapshot()})
+
+
+async def presenter_offer(request: web.Request) -> web.Response:
+    cfg, mgr = request.app[CONFIG_KEY], request.app[MANAGER_KEY]
+    name = request.match_info["name"]
+    try:
+        sdp = await read_offer(request, cfg)
+        check_offer(sdp, need_mic=False, max_bytes=cfg.max_offer_bytes)
+        peer, answer = await mgr.create_viewer(name, sdp)
+    except UnsupportedMediaTypeError as e:
+        return error(415, str(e))
+    except OfferError as e:
+        return error(400, str(e))
+    except (NotFoundError, CapacityError) as e:
+        return _presenter_error(e)
+    except ValueError as e:
+        return error(400, f"the offer cannot be negotiated: {e}")
+    return web.json_response(
+        {
+            "sdp": answer.sdp,
+            "type": answer.type,
+            "session_id": peer.id,
+            "presenter": name,
+            "latency_budget_ms": {k: round(v * 1000, 1) for k, v in peer.stream.budget.items()},
+            "mouth_box": mouth_box(peer.stream),
+        }
+    )
+
+
+async def presenter_ws(request: web.Request) -> web.StreamResponse:
+    cfg, mgr = request.app[CONFIG_KEY], request.app[MANAGER_KEY]
+    name = request.match_info["name"]
+    try:
+        mgr.check_name(name)
+        fmt = raw_format(request.query)
+        pres = mgr.presenter(name)
+    except (SpeechFormatError, ValueError, CapacityError) as e:
+        return _presenter_error(e)
+    # aiohttp closes the socket with 1009 (message too big) past max_msg_size.
+    ws = web.WebSocketResponse(max_msg_size=cfg.max_push_bytes, heartbeat=30.0)
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            try:
+                queued = pres.stream.push_speech(decode_raw(msg.data, fmt), fmt.rate_hz)
+            except (SpeechFormatError, QueueFullError) as e:
+                await ws.send_json({"type": "error", "error": str(e)})
+                continue
+            await ws.send_json({"type": "ack", "queued_s": round(queued, 3)})
+        elif msg.type == WSMsgType.TEXT:
+            try:
+                ctrl = json.loads(msg.data)
+            except json.JSONDecodeError:
+                ctrl = None
+            if isinstance(ctrl, dict) and ctrl.get("type") == "interrupt":
+                dropped = pres.stream.interrupt()
+                await ws.send_json({"type": "interrupted", "dropped_s": round(dropped, 3)})
+            else:
+                await ws.send_json(
+                    {"type": "error", "error": 'text messages must be {"type": "interrupt"}'}
+                )
+        elif msg.type == WSMsgType.ERROR:
+            log.info("presenter %s: websocket error: %s", name, ws.exception())
+    return ws
+
+
+async def health(request: web.Request) -> web.Response:
+    cfg, mgr = request.app[CONFIG_KEY], request.app[MANAGER_KEY]
+    return web.json_response(
+        {
+            "status": "ok",
+            "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
+            "sessions": mgr.live_count,
+            "presenters": len(mgr.presenters),
+            "viewers": mgr.viewer_count,
+            "max_sessions": cfg.max_sessions,
+            "max_viewers": cfg.max_viewers,
+            "accepting": mgr.stream_count < cfg.max_sessions,
+            "preset": mgr.engine.models.preset,
+            "random_weights": mgr.engine.random_init,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[REGISTRY_KEY].render()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> web.Application:
+    """The aiohttp application. The engine and avatar belong to the caller."""
+    registry = Registry()
+    app = web.Application(client_max_size=max(cfg.max_offer_bytes, cfg.max_push_bytes))
+    manager = SessionManager(cfg, engine, avatar, registry)
+    app[CONFIG_KEY] = cfg
+    app[MANAGER_KEY] = manager
+    app[STARTED_KEY] = time.monotonic()
+    app[REGISTRY_KEY] = registry
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{name}", static_file)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_post("/offer", offer)
+    app.router.add_get("/sessions/{id}/stats", session_stats)
+    app.router.add_get("/sessions/{id}/trace", session_trace)
+    app.router.add_delete("/sessions/{id}", session_delete)
+    app.router.add_get("/presenters", presenters_list)
+    app.router.add_post("/presenters/{name}", presenter_create)
+    app.router.add_delete("/presenters/{name}", presenter_delete)
+    app.router.add_post("/presenters/{name}/speech", presenter_speech)
+    app.router.add_post("/presenters/{name}/interrupt", presenter_interrupt)
+    app.router.add_get("/presenters/{name}/ws", presenter_ws)
+    app.router.add_post("/presenters/{name}/offer", presenter_offer)
+    app.router.add_get("/presenters/{name}/stats", presenter_stats)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        manager.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await manager.close()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+async def serve(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> None:
+    """Run the server until cancelled or interrupted (SIGINT/SIGTERM)."""
+    app = create_app(cfg, engine, avatar)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    port = cfg.port
+    if port == 0 and runner.addresses:
+        port = int(runner.addresses[0][1])
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    host = f"[{host}]" if ":" in host else host
+    print(f"talkstream: open http://{host}:{port}/ in a browser and allow the microphone", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("talkstream: shutting down", flush=True)
+        await runner.cleanup()
+
+
+def run(cfg: ServeConfig) -> int:
+    """Load the engine and the avatar, warm up, and serve (the ``serve`` command)."""
+    from talkstream.streaming.sdp import use_loopback_ice
+
+    if cfg.ice_loopback_only:
+        use_loopback_ice()
+    engine = Engine(cfg.engine)
+    try:
+        avatar = load_avatar(cfg, engine.crop_size)
+        engine.prepare(avatar)
+        took = warm_up(engine, avatar)
+        log.info("warm-up took %.1f s", took)
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed: using asyncio's event loop")
+            asyncio.run(serve(cfg, engine, avatar))
+        else:
+            uvloop.run(serve(cfg, engine, avatar))
+    finally:
+        engine.close()
+    return 0
+
+
+__all__ = ["create_app", "load_avatar", "mouth_box", "read_body", "run", "serve", "warm_up"]
+

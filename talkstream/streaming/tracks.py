@@ -1,0 +1,590 @@
+"""Avatar streams and their WebRTC tracks.
+
+An :class:`AvatarStream` owns one engine ``Session``, one :class:`MediaClock` and one timeline of
+48 kHz speech (see :mod:`talkstream.streaming.clock`). Speech comes in one of two ways:
+
+- ``live``: decoded frames of a peer's microphone track (:meth:`AvatarStream.push_frame`), placed
+  on the timeline by their RTP timestamps; where the input is late beyond the jitter budget
+  (a stalled microphone, lost packets), silence stands in, so the avatar keeps moving (idly);
+- ``presenter``: chunks pushed by a program (:meth:`AvatarStream.push_speech`), queued and fed to
+  the timeline at real-time pace; silence when the queue is empty; :meth:`interrupt` clears it.
+
+Every timeline sample goes to the session as it is written. The session's frames are rendered
+in the engine's worker, one small batch at a time; frames whose display time will have passed
+before they could be rendered are skipped, never queued. Any number of
+:class:`AvatarVideoTrack` / :class:`AvatarAudioTrack` pairs (one per viewer) read the same
+rendered frames and the same timeline through the same clock: the avatar renders once per
+stream, not once per viewer. A track never waits for the engine: at a frame's display time it
+shows the newest frame rendered so far, and the audio track plays the timeline (or silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame, VideoFrame
+
+from talkstream.engine.audio import StreamingResampler, to_mono_float32
+from talkstream.engine.avatar import Avatar
+from talkstream.engine.pipeline import Engine, Frame
+from talkstream.streaming.clock import (
+    AUDIO_PTIME_SAMPLES,
+    AUDIO_TIME_BASE,
+    OUT_RATE_HZ,
+    SAMPLES_PER_FRAME_48K,
+    VIDEO_TIME_BASE,
+    MediaClock,
+)
+from talkstream.streaming.config import StreamConfig
+from talkstream.streaming.metrics import StreamMetrics
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["live", "presenter"]
+
+TICK_S = AUDIO_PTIME_SAMPLES / OUT_RATE_HZ  # 20 ms: how often the timeline is topped up
+# Rendered frames kept for display; they run ahead of the display by at most the input lead.
+MAX_RENDERED_FRAMES = 16
+# A track that wakes this late (an event-loop stall) jumps to the present instead of bursting.
+MAX_TRACK_LAG_S = 0.1
+# Live input this far behind the timeline is a stream resuming after a stall: re-anchored.
+REANCHOR_BEHIND_S = 0.5
+INT16_MAX = 32767
+# Input louder than this (RMS, full scale 1) counts as speech in the stats.
+SPEECH_RMS = 0.01
+# Entries kept in a stream's trace (per rendered frame / per input chunk): minutes of history.
+TRACE_LEN = 15_000
+
+
+class QueueFullError(ValueError):
+    """A presenter push would exceed ``StreamConfig.max_queued_speech_s``."""
+
+
+def audio_frame_to_mono(frame: AudioFrame) -> np.ndarray:
+    """Mono float32 samples of a decoded audio frame, any sample format and layout."""
+    arr = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        pcm = arr.T  # (n, ch)
+    else:
+        pcm = arr.reshape(-1, channels)  # interleaved (1, n*ch) -> (n, ch)
+    if pcm.dtype not in (np.int16, np.int32, np.float32, np.float64):
+        pcm = pcm.astype(np.float32) / float(np.iinfo(pcm.dtype).max)
+    return to_mono_float32(np.ascontiguousarray(pcm))
+
+
+def _rms(pcm: np.ndarray) -> float:
+    if not pcm.size:
+        return 0.0
+    return float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) / 32768
+
+
+def _to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x * 32768.0), -32768, INT16_MAX).astype(np.int16)
+
+
+@dataclass
+class StreamStats:
+    """Counters of one stream (also summed into the server's metrics)."""
+
+    frames_rendered: int = 0
+    frames_skipped: int = 0
+    frames_repeated: int = 0
+    frames_displayed: int = 0
+    input_s: float = 0.0  # real audio received
+    speech_s: float = 0.0  # of which louder than SPEECH_RMS
+    silence_filled_s: float = 0.0  # live input that was late or missing
+    render_ms_ema: float = 0.0
+    slack_ms_ema: float = 0.0
+    display_fps: float = 0.0  # fresh frames shown per second (EMA)
+
+
+class AvatarStream:
+    """One avatar, one session, one clock; speech in, frames and delayed speech out.
+
+    Args:
+        engine: the loaded engine (shared).
+        avatar: the prepared avatar.
+        cfg: latency budget and bounds.
+        mode: ``"live"`` (a peer's microphone) or ``"presenter"`` (pushed speech).
+        name: for logs and stats.
+        seed, lookahead: passed to ``engine.session``.
+        metrics: server-wide metrics to report into (optional).
+        now: monotonic wall clock (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        avatar: Avatar,
+        cfg: StreamConfig,
+        *,
+        mode: Mode,
+        name: str = "stream",
+        seed: int | None = None,
+        lookahead: int | None = None,
+        metrics: StreamMetrics | None = None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mode not in ("live", "presenter"):
+            raise ValueError(f"mode must be 'live' or 'presenter', got {mode!r}")
+        self.engine = engine
+        self.avatar = avatar
+        self.cfg = cfg
+        self.mode: Mode = mode
+        self.name = name
+        self.metrics = metrics
+        self.session = engine.session(avatar, seed=seed, lookahead=lookahead)
+        self.session.max_batch = cfg.render_batch
+        algorithmic = self.session.latency_s
+        jitter = cfg.jitter_budget_ms / 1000 if mode == "live" else 0.0
+        compute = cfg.compute_budget_ms / 1000
+        self.budget = {
+            "algorithmic_s": algorithmic,
+            "jitter_s": jitter,
+            "compute_s": compute,
+            "total_s": algorithmic + jitter + compute,
+        }
+        self.clock = MediaClock(self.budget["total_s"], now=now)
+        self.stats = StreamStats()
+        if metrics is not None:
+            metrics.latency_seconds.observe(self.budget["total_s"])
+
+        # The timeline: int16 mono 48 kHz, a ring indexed by absolute sample position.
+        self._ring = np.zeros(int(cfg.replay_buffer_s * OUT_RATE_HZ), dtype=np.int16)
+        self.written = 0  # timeline samples written so far
+        # Live input: source position (48 kHz) + offset = timeline position.
+        self._src_offset: int | None = None
+        self._in_resampler: StreamingResampler | None = None
+        # Presenter input: queued 48 kHz int16 chunks.
+        self._queue: deque[np.ndarray] = deque()
+        self.queued_samples = 0
+        self._push_resampler: StreamingResampler | None = None
+
+        h, w = avatar.image.shape[:2]
+        self._even_hw = (h - h % 2, w - w % 2)  # yuv420p wants even sizes
+        self._rendered: deque[Frame] = deque(maxlen=MAX_RENDERED_FRAMES)
+        self._display_cache: tuple[int, VideoFrame] | None = None
+        self._last_fresh_pts = -1
+        self._last_display_t: float | None = None
+        self.last_input_at = now()
+        self.created_at = now()
+        # Traces for benchmarks and diagnosis: (frame pts, landmark motion) per rendered frame
+        # and (timeline sample, RMS) per input chunk; bounded.
+        self.motion_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
+        self.input_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
+        self._last_landmarks: np.ndarray | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.closed_event = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the render and timeline tasks on the running loop."""
+        if self._tasks:
+            return
+        self._tasks = [
+            asyncio.create_task(self._render_loop(), name=f"talkstream-render-{self.name}"),
+            asyncio.create_task(self._tick_loop(), name=f"talkstream-tick-{self.name}"),
+        ]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop the tasks and end the session. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        self.session.end_audio()
+        self._rendered.clear()
+        self._queue.clear()
+        self.queued_samples = 0
+        self.closed_event.set()
+
+    # -- the timeline -------------------------------------------------------------------------
+
+    def _write(self, pcm: np.ndarray) -> None:
+        """Append int16 48 kHz samples to the timeline and feed them to the session."""
+        n = pcm.shape[0]
+        if n == 0:
+            return
+        cap = self._ring.shape[0]
+        if n > cap:  # only the tail can be replayed; the session still gets everything
+            self._write_ring(pcm[-cap:], self.written + n - cap)
+        else:
+            self._write_ring(pcm, self.written)
+        self.input_trace.append((self.written, _rms(pcm)))
+        self.written += n
+        self.session.push_audio(pcm, OUT_RATE_HZ)
+
+    def _write_ring(self, pcm: np.ndarray, start: int) -> None:
+        cap = self._ring.shape[0]
+        i = start % cap
+        first = min(pcm.shape[0], cap - i)
+        self._ring[i : i + first] = pcm[:first]
+        self._ring[: pcm.shape[0] - first] = pcm[first:]
+
+    def _write_silence(self, n: int) -> None:
+        if n > 0:
+            self._write(np.zeros(n, dtype=np.int16))
+
+    def read_audio(self, start: int, n: int) -> np.ndarray:
+        """Timeline samples ``[start, start + n)``, int16; silence where none are held."""
+        out = np.zeros(n, dtype=np.int16)
+        cap = self._ring.shape[0]
+        lo = max(start, self.written - cap, 0)
+        hi = min(start + n, self.written)
+        if hi > lo:
+            i = lo % cap
+            first = min(hi - lo, cap - i)
+            out[lo - start : lo - start + first] = self._ring[i : i + first]
+            rest = hi - lo - first
+            if rest:
+                out[lo - start + first : hi - start] = self._ring[:rest]
+        return out
+
+    # -- live input ---------------------------------------------------------------------------
+
+    def push_frame(self, frame: AudioFrame) -> None:
+        """A decoded frame of the peer's microphone (``live`` mode), placed by its timestamp."""
+        if self._closed:
+            return
+        now = self.clock.now()
+        x = audio_frame_to_mono(frame)
+        rate = int(frame.sample_rate)
+        if rate != OUT_RATE_HZ:
+            if self._in_resampler is None or self._in_resampler.in_rate_hz != rate:
+                self._in_resampler = StreamingResampler(rate, OUT_RATE_HZ)
+            x = self._in_resampler.push(x)
+        pcm = _to_int16(x)
+        n = pcm.shape[0]
+        if frame.pts is not None and frame.time_base is not None:
+            src = round(frame.pts * frame.time_base * OUT_RATE_HZ)
+        else:
+            src = self.written - (self._src_offset or 0)
+        self.last_input_at = now
+        self.stats.input_s += n / OUT_RATE_HZ
+        if self.metrics is not None:
+            self.metrics.input_audio.inc(n / OUT_RATE_HZ)
+        if self._src_offset is None:
+            # First input: it ends now. The timeline up to here was idle silence.
+            due = math.floor(self.clock.input_position(now)) - n
+            self._src_offset = max(self.written, due) - src
+        pos = src + self._src_offset
+        ahead = pos + n - self.clock.input_position(now)
+        if ahead > self.cfg.max_input_ahead_ms / 1000 * OUT_RATE_HZ:
+            log.debug("%s: input %.0f ms ahead of the clock: dropped", self.name, ahead / 48)
+            return
+        if pos < self.written:
+            behind = self.written - pos
+            if behind > REANCHOR_BEHIND_S * OUT_RATE_HZ:
+                # The sender resumed after a long stall: its audio continues here and now.
+                self._src_offset += behind
+                pos = self.written
+            elif behind >= n:
+                return  # already covered (silence stood in for it): too late to use
+            else:
+                pcm = pcm[behind:]
+                pos = self.written
+        if pos > self.written:
+            # Lost packets: silence in their place keeps timestamps and sync.
+            gap = pos - self.written
+            self._count_filled(gap)
+            self._write_silence(gap)
+        if _rms(pcm) > SPEECH_RMS:
+            self.stats.speech_s += n / OUT_RATE_HZ
+        self._write(pcm)
+        self.clock.observe_input(self.written, now)
+
+    def _count_filled(self, n: int) -> None:
+        self.stats.silence_filled_s += n / OUT_RATE_HZ
+        if self.metrics is not None:
+            self.metrics.audio_underrun.inc(n / OUT_RATE_HZ)
+
+    # -- presenter input ----------------------------------------------------------------------
+
+    def push_speech(self, pcm: np.ndarray, sample_rate: int) -> float:
+        """Queue speech (``presenter`` mode): int16/float PCM, (n,) or (n, ch), any rate.
+
+        Returns the seconds of speech now queued.
+
+        Raises:
+            QueueFullError: the queue would exceed ``max_queued_speech_s``.
+            TypeError, ValueError: bad samples or rate.
+        """
+        x = to_mono_float32(pcm)
+        if self._push_resampler is None or self._push_resampler.in_rate_hz != sample_rate:
+            self._push_resampler = StreamingResampler(sample_rate, OUT_RATE_HZ)
+        n_out = x.shape[0] * OUT_RATE_HZ // sample_rate
+        limit = int(self.cfg.max_queued_speech_s * OUT_RATE_HZ)
+        if self.queued_samples + n_out > limit:
+            raise QueueFullError(
+                f"presenter {self.name!r} has {self.queued_samples / OUT_RATE_HZ:.1f} s of "
+                f"speech queued; {n_out / OUT_RATE_HZ:.1f} s more would exceed the limit of "
+                f"{self.cfg.max_queued_speech_s:.0f} s"
+            )
+        y = _to_int16(self._push_resampler.push(x))
+        if y.shape[0]:
+            if _rms(y) > SPEECH_RMS:
+                self.stats.speech_s += y.shape[0] / OUT_RATE_HZ
+            self._queue.append(y)
+            self.queued_samples += y.shape[0]
+        self.last_input_at = self.clock.now()
+        self.stats.input_s += x.shape[0] / sample_rate
+        if self.metrics is not None:
+            self.metrics.input_audio.inc(x.shape[0] / sample_rate)
+        return self.queued_samples / OUT_RATE_HZ
+
+    def interrupt(self) -> float:
+        """Drop the queued speech (``presenter`` mode); returns the seconds dropped.
+
+        Speech already fed to the session (at most the lead plus the latency budget) still
+        plays out, so lips and voice stay together.
+        """
+        dropped = self.queued_samples / OUT_RATE_HZ
+        self._queue.clear()
+        self.queued_samples = 0
+        # A resampler's history belongs to the speech that was cut: start afresh.
+        self._push_resampler = None
+        return dropped
+
+    def _feed_from_queue(self, n: int) -> None:
+        while n > 0:
+            if not self._queue:
+                self._write_silence(n)
+                return
+            head = self._queue[0]
+            if head.shape[0] <= n:
+                self._queue.popleft()
+                take = head
+            else:
+                take, self._queue[0] = head[:n], head[n:]
+            self.queued_samples -= take.shape[0]
+            self._write(take)
+            n -= take.shape[0]
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def _top_up(self) -> None:
+        """Bring the timeline up to the clock: silence for late live input, queued speech
+        (or silence) for a presenter."""
+        target = self.clock.input_position()
+        if self.mode == "live":
+            fill_to = math.floor(target - self.cfg.jitter_budget_ms / 1000 * OUT_RATE_HZ)
+            if fill_to > self.written:
+                if self._src_offset is not None:  # before any input, silence is just idle
+                    self._count_filled(fill_to - self.written)
+                self._write_silence(fill_to - self.written)
+        else:
+            feed_to = math.floor(target + self.cfg.presenter_lead_ms / 1000 * OUT_RATE_HZ)
+            if feed_to > self.written:
+                self._feed_from_queue(feed_to - self.written)
+
+    async def _tick_loop(self) -> None:
+        try:
+            while True:
+                self._top_up()
+                await asyncio.sleep(TICK_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: timeline task failed", self.name)
+            raise
+
+    def _first_worth_rendering(self) -> int:
+        # A frame that would finish rendering after its display time is worth nothing.
+        eta = self.clock.now() + self.stats.render_ms_ema / 1000
+        return self.clock.first_live_frame(eta)
+
+    async def _render_loop(self) -> None:
+        skipped_before = 0
+        try:
+            async for frame in self.session.frames(skip_before=self._first_worth_rendering):
+                now = self.clock.now()
+                st = self.stats
+                st.frames_rendered += 1
+                render_s = self.session.render_wall_s
+                slack_s = self.clock.frame_time(frame.pts) - now
+                st.render_ms_ema += 0.1 * (render_s * 1000 - st.render_ms_ema)
+                st.slack_ms_ema += 0.1 * (slack_s * 1000 - st.slack_ms_ema)
+                skipped = self.session.frames_skipped - skipped_before
+                skipped_before = self.session.frames_skipped
+                st.frames_skipped += skipped
+                if self.metrics is not None:
+                    self.metrics.frames_rendered.inc()
+                    self.metrics.frames_skipped.inc(skipped)
+                    self.metrics.render_seconds.observe(render_s)
+                    self.metrics.slack_seconds.observe(slack_s)
+                prev = self._last_landmarks
+                motion = float(np.abs(frame.landmarks - prev).max()) if prev is not None else 0.0
+                self._last_landmarks = frame.landmarks
+                self.motion_trace.append((frame.pts, motion))
+                self._rendered.append(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: render task failed", self.name)
+            raise
+
+    # -- output -------------------------------------------------------------------------------
+
+    def video_frame(self, index: int) -> VideoFrame:
+        """The video frame to show as frame ``index``: the newest rendered one up to it.
+
+        Shared by every viewer of the stream (one conversion per displayed frame).
+        """
+        cache = self._display_cache
+        if cache is not None and cache[0] == index:
+            return cache[1]
+        frames = self._rendered
+        # Frames older than the newest one that is due are never shown again.
+        while len(frames) >= 2 and frames[1].pts <= index:
+            frames.popleft()
+        if frames and frames[0].pts <= index:
+            image = frames[0].image
+            fresh = frames[0].pts > self._last_fresh_pts
+        else:
+            image = self.avatar.image  # nothing rendered yet: the still photo
+            fresh = False
+        st = self.stats
+        st.frames_displayed += 1
+        now = self.clock.now()
+        if fresh:
+            self._last_fresh_pts = frames[0].pts
+            if self._last_display_t is not None:
+                dt = max(now - self._last_display_t, 1e-3)
+                st.display_fps += 0.1 * (1.0 / dt - st.display_fps)
+            self._last_display_t = now
+        elif index >= 0 and self.written > 0:
+            st.frames_repeated += 1
+            if self.metrics is not None:
+                self.metrics.frames_repeated.inc()
+        h, w = self._even_hw
+        vf = VideoFrame.from_ndarray(np.ascontiguousarray(image[:h, :w]), format="rgb24")
+        vf.pts = self.clock.video_pts(index)
+        vf.time_base = VIDEO_TIME_BASE
+        self._display_cache = (index, vf)
+        return vf
+
+    def snapshot(self) -> dict[str, object]:
+        """Stats and budget, JSON-ready (``/sessions/{id}/stats`` and the web client)."""
+        st = self.stats
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "latency_budget_ms": {k: round(v * 1000, 1) for k, v in self.budget.items()},
+            "frames_rendered": st.frames_rendered,
+            "frames_skipped": st.frames_skipped,
+            "frames_repeated": st.frames_repeated,
+            "display_fps": round(st.display_fps, 2),
+            "render_ms": round(st.render_ms_ema, 2),
+            "slack_ms": round(st.slack_ms_ema, 2),
+            "input_s": round(st.input_s, 3),
+            "speech_s": round(st.speech_s, 3),
+            "silence_filled_s": round(st.silence_filled_s, 3),
+            "queued_s": round(self.queued_samples / OUT_RATE_HZ, 3),
+            "clock_slew_ms": round(self.clock.slewed_s * 1000, 2),
+        }
+
+
+    def trace(self) -> dict[str, object]:
+        """The stream's traces, in media seconds: landmark motion per rendered frame, input
+        RMS per chunk (written position), and the latency budget."""
+        return {
+            "motion": [(pts * SAMPLES_PER_FRAME_48K / OUT_RATE_HZ, m) for pts, m in self.motion_trace],
+            "input": [(pos / OUT_RATE_HZ, rms) for pos, rms in self.input_trace],
+            "budget_s": self.budget,
+            "clock_slew_s": self.clock.slewed_s,
+        }
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    """The avatar's video for one viewer, paced by the stream's clock (25 fps, 90 kHz pts)."""
+
+    kind = "video"
+
+    def __init__(self, stream: AvatarStream) -> None:
+        super().__init__()
+        self.stream = stream
+        self._next: int | None = None
+
+    async def recv(self) -> VideoFrame:
+        stream = self.stream
+        if self.readyState != "live" or stream.closed:
+            raise MediaStreamError
+        clock = stream.clock
+        if self._next is None:
+            self._next = max(clock.frame_on_screen(), 0)
+        index = self._next
+        late = await clock.sleep_until(clock.frame_time(index))
+        if stream.closed:
+            raise MediaStreamError
+        if late > MAX_TRACK_LAG_S:
+            index = clock.frame_on_screen()  # skip what we missed; never burst
+        self._next = index + 1
+        return stream.video_frame(index)
+
+
+class AvatarAudioTrack(MediaStreamTrack):
+    """The stream's speech for one viewer, delayed by the latency budget (20 ms, 48 kHz)."""
+
+    kind = "audio"
+
+    def __init__(self, stream: AvatarStream) -> None:
+        super().__init__()
+        self.stream = stream
+        self._pos: int | None = None
+
+    async def recv(self) -> AudioFrame:
+        stream = self.stream
+        if self.readyState != "live" or stream.closed:
+            raise MediaStreamError
+        clock = stream.clock
+        if self._pos is None:
+            now_pos = math.floor(clock.output_position())
+            self._pos = max(now_pos - now_pos % AUDIO_PTIME_SAMPLES, 0)
+        pos = self._pos
+        late = await clock.sleep_until(clock.play_time(pos))
+        if stream.closed:
+            raise MediaStreamError
+        if late > MAX_TRACK_LAG_S:
+            now_pos = math.floor(clock.output_position())
+            pos = now_pos - now_pos % AUDIO_PTIME_SAMPLES
+        self._pos = pos + AUDIO_PTIME_SAMPLES
+        pcm = stream.read_audio(pos, AUDIO_PTIME_SAMPLES)
+        frame = AudioFrame(format="s16", layout="mono", samples=AUDIO_PTIME_SAMPLES)
+        frame.planes[0].update(pcm.tobytes())
+        frame.pts = pos
+        frame.sample_rate = OUT_RATE_HZ
+        frame.time_base = AUDIO_TIME_BASE
+        return frame
+
+
+__all__ = [
+    "SAMPLES_PER_FRAME_48K",
+    "AvatarAudioTrack",
+    "AvatarStream",
+    "AvatarVideoTrack",
+    "QueueFullError",
+    "StreamStats",
+    "audio_frame_to_mono",
+]

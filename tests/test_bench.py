@@ -1,0 +1,261 @@
+"""The benchmark harness: scenarios, a tiny real run, reports, plots, the sessions search, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from talkstream.benchmarking import report
+from talkstream.benchmarking.memory import host_peak, reset_host_peak, run_child_measuring_rss
+from talkstream.benchmarking.runner import run_scenario
+from talkstream.benchmarking.scenario import Scenario
+from talkstream.benchmarking.throughput import Probe, search_max_sessions
+from talkstream.benchmarking.wav2lip import Wav2LipEquivalent, Wav2LipShapes
+from talkstream.cli import main
+from talkstream.config import EngineConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_summary(s: dict[str, Any]) -> None:
+    assert s["n"] >= 1
+    assert 0 <= s["min"] <= s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+def test_scenario_defaults_name_and_round_trip() -> None:
+    sc = Scenario()
+    assert sc.name == "tiny-torch-1step-1sess-cpu-float32"
+    assert sc.crop_size() == 128 and sc.frames_per_iter == 1
+    other = Scenario(preset="base", sessions=4, batch=2, resolution=96, frame_size=(640, 360))
+    assert other.crop_size() == 96 and other.frames_per_iter == 8
+    assert "96px" in other.name and "640x360" in other.name
+    again = Scenario.from_dict(json.loads(json.dumps(other.to_dict())))
+    assert again == other
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"preset": "huge"}, ValueError, "preset must be one of"),
+        ({"backend": "tvm"}, ValueError, "backend must be one of"),
+        ({"dtype": "int8"}, ValueError, "dtype"),
+        ({"device": "gpu"}, ValueError, "device must be"),
+        ({"steps": 5}, ValueError, r"steps must be in 1\.\.4"),
+        ({"steps": 0}, ValueError, "steps must be at least 1"),
+        ({"batch": 0}, ValueError, "batch must be at least 1"),
+        ({"sessions": True}, TypeError, "sessions must be an int"),
+        ({"iters": 2.5}, TypeError, "iters must be an int"),
+        ({"resolution": 100}, ValueError, "multiple of 16"),
+        ({"frame_size": (641, 360)}, ValueError, "even"),
+        ({"frame_size": (640,)}, ValueError, "width, height"),
+        ({"kernels": "triton"}, ValueError, "kernels"),
+        ({"encode": "yes"}, TypeError, "encode must be a bool"),
+    ],
+)
+def test_scenario_rejects_bad_values(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        Scenario(**kwargs)
+
+
+def test_scenario_from_dict_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="unknown scenario keys"):
+        Scenario.from_dict({"preset": "tiny", "batchsize": 2})
+
+
+# -- a real run --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_result() -> dict[str, Any]:
+    # Two steps and two sessions: every stage appears, including a second denoiser step.
+    sc = Scenario(steps=2, sessions=2, iters=3, warmup=1)
+    return run_scenario(sc, EngineConfig())
+
+
+def test_run_scenario_reports_every_stage(tiny_result: dict[str, Any]) -> None:
+    r = tiny_result
+    assert r["status"] == "ok" and r["frames_per_iteration"] == 2
+    expected = ["audio", "motion", "denoise_step1", "denoise_step2", "to_host", "paste_back",
+                "rgb_to_i420", "encode"]  # fmt: skip
+    assert r["stage_order"] == expected
+    for name in expected:
+        _check_summary(r["stages"][name])
+        assert r["stages"][name]["n"] == 3
+    for name in ("core", "frame", "post", "unattributed"):
+        _check_summary(r["derived"][name])
+    _check_summary(r["engine_render"])
+    # The stages are parts of the iteration: core and frame cannot be shorter than their parts.
+    assert r["derived"]["frame"]["max"] >= r["derived"]["core"]["min"]
+    assert r["fps"] > 0 and r["frames"] == 6
+    assert r["fps_per_session"] == pytest.approx(r["fps"] / 2)
+    assert r["encoded"]["frames"] >= 6 and r["encoded"]["bytes"] > 0
+    w = r["warmup"]
+    assert w["model_load_s"] > 0 and w["first_iteration_ms"] > 0 and w["warmup_iterations"] == 1
+    assert r["memory"]["host_peak_mib"] > 50
+    assert len(r["samples_ms"]["denoise_step1"]) == 3
+    json.dumps(r)  # JSON-ready as is
+
+
+def test_markdown_and_plots(tiny_result: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = {
+        "schema": report.SCHEMA,
+        "created": "2026-01-01T00:00:00+00:00",
+        "command": "talkstream bench",
+        "machine": report.machine_info(),
+        "scenarios": [tiny_result],
+        "throughput": {
+            "budget_ms": 40.0,
+            "predicted_sessions": 2,
+            "sessions_per_device": 2,
+            "fps": 50,
+            "probes": [
+                Probe(1, [0.01, 0.012]).to_dict(0.04),
+                Probe(2, [0.02, 0.022]).to_dict(0.04),
+            ],
+            "confirmations": [
+                {"sessions": 2, "seconds": 1.0, "frames_dropped": 0, "frames_late": 0}
+            ],
+        },
+    }
+    md = report.render_markdown(result)
+    assert tiny_result["name"] in md
+    assert "| stage | p50 ms | p90 ms | p99 ms | mean ms |" in md
+    assert "| denoise_step2 |" in md and "Engine.render" in md
+    assert "Sessions per device: 2" in md
+    files = report.write_plots(result, tmp_path)
+    names = {f.name for f in files}
+    assert f"latency-{tiny_result['name']}.png" in names and "throughput.png" in names
+    for f in files:
+        assert f.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_target_scenario_detection() -> None:
+    assert report.is_target_scenario(Scenario().to_dict())
+    assert not report.is_target_scenario(Scenario(sessions=2).to_dict())
+    assert not report.is_target_scenario(Scenario(steps=2).to_dict())
+
+
+# -- throughput search -------------------------------------------------------------------------
+
+
+def _linear_probe(per_session_s: float, calls: list[int] | None = None) -> Any:
+    def probe(n: int) -> Probe:
+        if calls is not None:
+            calls.append(n)
+        return Probe(n, [per_session_s * n] * 5)
+
+    return probe
+
+
+def test_search_max_sessions_trivial_cases() -> None:
+    calls: list[int] = []
+    res = search_max_sessions(_linear_probe(0.009, calls), budget_s=0.04, max_sessions=64)
+    assert res.max_sessions == 4  # 4 x 9 ms fits 40 ms, 5 x 9 ms does not
+    assert calls == [1, 2, 4, 8, 6, 5]  # doubling, then bisection; nothing probed twice
+    assert search_max_sessions(_linear_probe(0.05), budget_s=0.04).max_sessions == 0
+    capped = search_max_sessions(_linear_probe(0.001), budget_s=0.04, max_sessions=10)
+    assert capped.max_sessions == 10
+    with pytest.raises(ValueError, match="max_sessions"):
+        search_max_sessions(_linear_probe(0.001), max_sessions=0)
+
+
+# -- memory, anchors ---------------------------------------------------------------------------
+
+
+def test_child_peak_rss_and_host_peak(tmp_path: Path) -> None:
+    code = "b = bytearray(150 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
+    run = run_child_measuring_rss([sys.executable, "-c", code], tmp_path / "log", 60)
+    assert run.returncode == 0
+    assert run.max_rss_bytes > 150 * 1024 * 1024
+    peak = host_peak(reset_host_peak())
+    assert peak.bytes > 0 and peak.scope in ("scenario", "process")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child_measuring_rss([sys.executable, "-c", "import time; time.sleep(30)"],
+                                tmp_path / "log2", 0.3)  # fmt: skip
+
+
+def test_wav2lip_equivalent_shapes() -> None:
+    model = Wav2LipEquivalent().eval()
+    shapes = Wav2LipShapes(batch=1)
+    with torch.inference_mode():
+        out = model(torch.randn(shapes.mel), torch.randn(shapes.face))
+    assert out.shape == (1, 3, 96, 96)
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    # The published generator has about 36.3 M parameters.
+    assert 36.0e6 < model.num_parameters() < 36.6e6
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--quick", "--anchors", "--memory", "--backend", "--sessions", "--preset"):
+        assert flag in text
+
+
+def test_cli_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b"
+    plots = "--no-plots"
+    try:
+        import matplotlib  # noqa: F401
+
+        plots = ""
+    except ModuleNotFoundError:
+        pass
+    argv = ["bench", "--quick", "--sessions", "1", "--iters", "3", "--warmup", "1",
+            "--e2e-seconds", "0.5", "--max-sessions", "1", "--confirm-seconds", "0.2",
+            "--out", str(out)] + ([plots] if plots else [])  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "## Scenarios" in printed and "Issue-3 target" in printed
+    assert "## End-to-end latency" in printed and "## Throughput" in printed
+    result = json.loads((out / "bench.json").read_text())
+    assert result["schema"] == report.SCHEMA
+    assert [s["name"] for s in result["scenarios"]] == ["tiny-torch-1step-1sess-cpu-float32"]
+    e2e = result["e2e"]
+    assert e2e["lookahead_ms"] == pytest.approx(80.0)
+    assert e2e["frames_measured"] >= 1
+    for key in ("total", "audio_wait", "compute", "encode", "total_encoded"):
+        _check_summary(e2e[key])
+    # Waiting for the lookahead's audio is part of the total and never longer than it.
+    assert e2e["audio_wait"]["min"] <= e2e["total"]["max"]
+    thr = result["throughput"]
+    assert thr["sessions_per_device"] in (0, 1) and thr["probes"][0]["sessions"] == 1
+    assert (out / "bench.md").read_text().startswith("# talkstream bench")
+    if not plots:
+        assert (out / "throughput.png").read_bytes()[:8] == PNG_MAGIC
+        assert (out / "e2e.png").is_file()
+    table = report.summarize_dir(tmp_path)
+    assert "tiny-torch-1step-1sess-cpu-float32" in table and "e2e latency" in table
+
+
+def test_cli_unavailable_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["bench", "--backend", "onnxruntime", "--sessions", "1", "--iters", "1",
+              "--e2e-seconds", "0", "--no-throughput", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    assert main(common) == 2
+    assert "no benchmark adapter" in capsys.readouterr().err
+    assert main([*common, "--skip-unavailable"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["scenarios"][0]["status"] == "skipped"
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_cli_bad_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps([{"preset": "tiny", "batch": 0}]))
+    assert main(["bench", "--scenario-file", str(f), "--out", str(tmp_path)]) == 2
+    assert "batch must be at least 1" in capsys.readouterr().err
