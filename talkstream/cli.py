@@ -56,6 +56,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="denoiser precision (default float32)",
     )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    try:  # noqa: SIM105 - the comment in the except says why it passes
+        g.add_argument(
+            "--backend",
+            dest="engine_backend",
+            default="torch",
+            # talkstream.export.backends.backend_names(), spelled out so that parsing argv does
+            # not import torch (a test keeps the two lists equal).
+            choices=["torch", "compiled", "onnxruntime", "tensorrt", "auto"],
+            help="what runs motion + denoiser (default torch); auto: the fastest available "
+            "here, see `talkstream doctor`",
+        )
+    except argparse.ArgumentError:
+        # The subcommand defines its own --backend (bench compares several) and reads it
+        # itself; its engine config keeps the default.
+        pass
     g.add_argument(
         "--steps",
         type=int,
@@ -89,6 +104,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         idle=IdleConfig(enabled=not a.no_idle),
         sampler=SamplerConfig(steps=a.steps, seed=a.seed),
         lookahead_frames=a.lookahead,
+        backend=getattr(a, "engine_backend", "torch"),
     )
 
 
@@ -162,7 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that register a subcommand (see build_parser).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("talkstream.streaming.live", "talkstream.benchmarking.cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "talkstream.streaming.live",
+    "talkstream.streaming.cli",
+    "talkstream.benchmarking.cli",
+    "talkstream.training.cli",
+    "talkstream.export.cli",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from talkstream.benchmarking import report
 from talkstream.benchmarking.memory import host_peak, reset_host_peak, run_child_measuring_rss
 from talkstream.benchmarking.runner import run_scenario
 from talkstream.benchmarking.scenario import Scenario
-from talkstream.benchmarking.throughput import Probe, search_max_sessions
+from talkstream.benchmarking.throughput import Probe, confirm_sessions, search_max_sessions
 from talkstream.benchmarking.wav2lip import Wav2LipEquivalent, Wav2LipShapes
 from talkstream.cli import main
 from talkstream.config import EngineConfig
@@ -84,8 +84,16 @@ def tiny_result() -> dict[str, Any]:
 def test_run_scenario_reports_every_stage(tiny_result: dict[str, Any]) -> None:
     r = tiny_result
     assert r["status"] == "ok" and r["frames_per_iteration"] == 2
-    expected = ["audio", "motion", "denoise_step1", "denoise_step2", "to_host", "paste_back",
-                "rgb_to_i420", "encode"]  # fmt: skip
+    expected = [
+        "audio",
+        "motion",
+        "denoise_step1",
+        "denoise_step2",
+        "to_host",
+        "paste_back",
+        "rgb_to_i420",
+        "encode",
+    ]
     assert r["stage_order"] == expected
     for name in expected:
         _check_summary(r["stages"][name])
@@ -169,6 +177,21 @@ def test_search_max_sessions_trivial_cases() -> None:
         search_max_sessions(_linear_probe(0.001), max_sessions=0)
 
 
+def test_confirm_sessions_bisects_below_a_failed_candidate() -> None:
+    tried: list[int] = []
+
+    def sustained(n: int) -> bool:
+        tried.append(n)
+        return n <= 5
+
+    assert confirm_sessions(sustained, 5) == 5 and tried == [5]
+    tried.clear()
+    assert confirm_sessions(sustained, 16) == 5
+    assert tried[0] == 16 and len(tried) <= 6
+    assert confirm_sessions(lambda n: False, 4) == 0
+    assert confirm_sessions(sustained, 0) == 0
+
+
 # -- memory, anchors ---------------------------------------------------------------------------
 
 
@@ -180,8 +203,9 @@ def test_child_peak_rss_and_host_peak(tmp_path: Path) -> None:
     peak = host_peak(reset_host_peak())
     assert peak.bytes > 0 and peak.scope in ("scenario", "process")
     with pytest.raises(subprocess.TimeoutExpired):
-        run_child_measuring_rss([sys.executable, "-c", "import time; time.sleep(30)"],
-                                tmp_path / "log2", 0.3)  # fmt: skip
+        run_child_measuring_rss(
+            [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log2", 0.3
+        )
 
 
 def test_wav2lip_equivalent_shapes() -> None:
@@ -190,7 +214,7 @@ def test_wav2lip_equivalent_shapes() -> None:
     with torch.inference_mode():
         out = model(torch.randn(shapes.mel), torch.randn(shapes.face))
     assert out.shape == (1, 3, 96, 96)
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
     # The published generator has about 36.3 M parameters.
     assert 36.0e6 < model.num_parameters() < 36.6e6
 
@@ -216,9 +240,24 @@ def test_cli_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         plots = ""
     except ModuleNotFoundError:
         pass
-    argv = ["bench", "--quick", "--sessions", "1", "--iters", "3", "--warmup", "1",
-            "--e2e-seconds", "0.5", "--max-sessions", "1", "--confirm-seconds", "0.2",
-            "--out", str(out)] + ([plots] if plots else [])  # fmt: skip
+    argv = [
+        "bench",
+        "--quick",
+        "--sessions",
+        "1",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--e2e-seconds",
+        "0.5",
+        "--max-sessions",
+        "1",
+        "--confirm-seconds",
+        "0.2",
+        "--out",
+        str(out),
+    ] + ([plots] if plots else [])
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "## Scenarios" in printed and "Issue-3 target" in printed
@@ -244,14 +283,43 @@ def test_cli_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_cli_unavailable_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    common = ["bench", "--backend", "onnxruntime", "--sessions", "1", "--iters", "1",
-              "--e2e-seconds", "0", "--no-throughput", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    common = [
+        "bench",
+        "--backend",
+        "tensorrt",
+        "--sessions",
+        "1",
+        "--iters",
+        "1",
+        "--e2e-seconds",
+        "0",
+        "--no-throughput",
+        "--no-plots",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(common) == 2
-    assert "no benchmark adapter" in capsys.readouterr().err
+    assert "backend 'tensorrt' cannot run on cpu" in capsys.readouterr().err
     assert main([*common, "--skip-unavailable"]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["scenarios"][0]["status"] == "skipped"
     assert "skipped" in capsys.readouterr().out
+
+
+def test_scenario_file_iteration_counts(tmp_path: Path) -> None:
+    from talkstream.benchmarking.cli import build_scenarios
+    from talkstream.cli import build_parser
+
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps([{"sessions": 2}, {"preset": "base", "iters": 7}]))
+    parse = build_parser().parse_args
+    a, b = build_scenarios(parse(["bench", "--scenario-file", str(f)]))
+    assert (a.sessions, a.iters, a.warmup) == (2, 50, 5)  # the run's defaults
+    assert (b.preset, b.iters) == ("base", 7)  # the file's own
+    a, b = build_scenarios(parse(["bench", "--scenario-file", str(f), "--quick"]))
+    assert (a.iters, b.iters) == (6, 7)
+    a, b = build_scenarios(parse(["bench", "--scenario-file", str(f), "--iters", "3"]))
+    assert (a.iters, b.iters) == (3, 3)  # explicit flags win
 
 
 def test_cli_bad_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -70,7 +70,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _attention_inputs(
-    shape: tuple[int, ...], dtype: torch.dtype, transposed_q: bool, gen: torch.Generator, device: str
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    transposed_q: bool,
+    gen: torch.Generator,
+    device: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, n, m, d, dv = shape
     if transposed_q:  # the model's q: a (B, nh, dh, N) tensor seen as (B, nh, N, dh)
@@ -204,7 +208,12 @@ def interpreter_results() -> tuple[int, dict[str, dict[str, Any]]]:
     seed = random.SystemRandom().randrange(2**31)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", "from tests.test_kernels_triton import _worker; _worker()", str(seed)],
+        [
+            sys.executable,
+            "-c",
+            "from tests.test_kernels_triton import _worker; _worker()",
+            str(seed),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -259,7 +268,7 @@ def test_wrappers_reject_unsupported_dtypes_and_blocks() -> None:
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         warp_blend_triton(x, x, x[:, :2], x[:, :1])
-    with pytest.raises(ValueError, match="same|must be 4-D|does not match"):
+    with pytest.raises(ValueError, match="must be 4-D"):
         landmark_attention_triton(torch.randn(1, 4, 8), q, q, 0.5)
 
 

@@ -111,8 +111,8 @@ def build_musetalk_equivalent(device: torch.device, dtype: torch.dtype) -> Ancho
         raise MissingDependencyError("the MuseTalk-equivalent anchor", "diffusers", "bench") from e
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SD15_UNET_CONFIG | MUSETALK_UNET_OVERRIDES))
-    vae = AutoencoderKL(**SD15_VAE_CONFIG)
+    unet: Any = UNet2DConditionModel(**(SD15_UNET_CONFIG | MUSETALK_UNET_OVERRIDES))
+    vae: Any = AutoencoderKL(**SD15_VAE_CONFIG)
     # .to(dtype) only when it changes something: diffusers warns on every dtype cast.
     unet = (unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)).eval()
     vae = (vae.to(device) if dtype == torch.float32 else vae.to(device, dtype)).eval()
@@ -129,8 +129,9 @@ def build_musetalk_equivalent(device: torch.device, dtype: torch.dtype) -> Ancho
     params = sum(p.numel() for p in unet.parameters()) + sum(
         p.numel() for p in vae.decoder.parameters()
     )
-    return AnchorModel("MuseTalk-equivalent (SD1.5 UNet + VAE decoder)", "MuseTalk", 256,
-                       params, build_s, step)  # fmt: skip
+    return AnchorModel(
+        "MuseTalk-equivalent (SD1.5 UNet + VAE decoder)", "MuseTalk", 256, params, build_s, step
+    )
 
 
 def build_wav2lip_equivalent(device: torch.device, dtype: torch.dtype) -> AnchorModel:
@@ -141,8 +142,14 @@ def build_wav2lip_equivalent(device: torch.device, dtype: torch.dtype) -> Anchor
     mel = torch.randn(shapes.mel, device=device, dtype=dtype)
     face = torch.randn(shapes.face, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
-    return AnchorModel("Wav2Lip-equivalent generator", "Wav2Lip", 96, model.num_parameters(),
-                       build_s, lambda: model(mel, face))  # fmt: skip
+    return AnchorModel(
+        "Wav2Lip-equivalent generator",
+        "Wav2Lip",
+        96,
+        model.num_parameters(),
+        build_s,
+        lambda: model(mel, face),
+    )
 
 
 def build_ours(
@@ -169,8 +176,9 @@ def build_ours(
         return sampler.sample(denoiser, noise, landmarks=lm, ref=ref)  # (1, 3, S, S)
 
     params = sum(p.numel() for p in motion.parameters()) + denoiser.num_parameters()
-    return AnchorModel(f"ours {preset} @{size}px ({steps} step)", "ours", size, params, build_s,
-                       step)  # fmt: skip
+    return AnchorModel(
+        f"ours {preset} @{size}px ({steps} step)", "ours", size, params, build_s, step
+    )
 
 
 def _time(model: AnchorModel, iters: int, warmup: int, device: torch.device) -> dict[str, Any]:

@@ -27,6 +27,7 @@ DEFAULT_OUT = Path("bench-out")
 # calls it as ``run_browser_bench(url, out_dir) -> dict`` (JSON-ready; stored under "browser").
 BROWSER_ENTRY = "run_browser_bench"
 
+NOISY_LOGGERS = ("onnx_ir", "onnxscript")
 # Defaults of the full run and of --quick (a smoke run for tests and CI, seconds long).
 NORMAL = {
     "iters": 50,
@@ -85,8 +86,8 @@ def add_parser(
     g.add_argument(
         "--backend",
         default="torch",
-        help="denoiser backends, comma-separated: torch (eager); compiled, onnxruntime, "
-        "tensorrt once their adapters are registered (default torch)",
+        help="backends for motion + denoiser, comma-separated, side by side: torch (eager), "
+        "compiled, onnxruntime, tensorrt, auto (default torch)",
     )
     g.add_argument(
         "--resolution",
@@ -125,12 +126,19 @@ def add_parser(
         type=Path,
         default=None,
         help="JSON list of scenario objects (fields of talkstream.benchmarking.scenario."
-        "Scenario); replaces the scenarios built from the flags",
+        "Scenario); replaces the scenarios built from the flags (--iters and --warmup, when "
+        "given, still apply)",
     )
     g.add_argument(
         "--skip-unavailable",
         action="store_true",
         help="record scenarios whose backend cannot run here as skipped instead of failing",
+    )
+    g.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record a scenario that fails as failed (with its error) and go on to the next; "
+        "the exit status is then 1",
     )
     g = p.add_argument_group("what else to measure")
     g.add_argument(
@@ -248,6 +256,18 @@ def parse_frame_size(text: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def _measure_counts(ns: argparse.Namespace, d: Any) -> Any:
+    """A file scenario's iteration counts: an explicit --iters/--warmup wins, then the file's,
+    then the run's defaults (--quick's or the normal ones)."""
+    if not isinstance(d, dict):
+        return d  # Scenario.from_dict says what is wrong with it
+    out = dict(d)
+    for key in ("iters", "warmup"):
+        if getattr(ns, key) is not None or key not in out:
+            out[key] = _opt(ns, key)
+    return out
+
+
 def build_scenarios(ns: argparse.Namespace) -> list[Any]:
     """The scenarios the flags (or ``--scenario-file``) ask for."""
     from talkstream.benchmarking.scenario import Scenario
@@ -265,7 +285,7 @@ def build_scenarios(ns: argparse.Namespace) -> list[Any]:
                 '(or {"scenarios": [...]})'
             )
         try:
-            return [Scenario.from_dict(d) for d in data]
+            return [Scenario.from_dict(_measure_counts(ns, d)) for d in data]
         except (TypeError, ValueError) as e:
             raise TalkstreamError(f"{ns.scenario_file}: {e}") from None
     backends = [b.strip() for b in ns.backend.split(",") if b.strip()]
@@ -302,8 +322,20 @@ def build_scenarios(ns: argparse.Namespace) -> list[Any]:
 
 def engine_cli_args(ns: argparse.Namespace) -> list[str]:
     """The model flags again, for ``talkstream render`` children (``--memory``)."""
-    args = ["--preset", ns.preset, "--device", ns.device, "--dtype", ns.dtype,
-            "--steps", str(ns.steps), "--seed", str(ns.seed)]  # fmt: skip
+    args = [
+        "--preset",
+        ns.preset,
+        "--device",
+        ns.device,
+        "--dtype",
+        ns.dtype,
+        "--steps",
+        str(ns.steps),
+        "--seed",
+        str(ns.seed),
+    ]
+    # The first backend asked for (render takes one).
+    args += ["--backend", ns.backend.split(",")[0].strip() or "torch"]
     if ns.threads is not None:
         args += ["--threads", str(ns.threads)]
     if ns.checkpoint is not None:
@@ -320,6 +352,23 @@ def _require(module: str, what: str) -> None:
         raise MissingDependencyError(what, module, "bench")
 
 
+def _command_line() -> str:
+    argv = sys.argv
+    if "bench" in argv:
+        return "talkstream " + " ".join(shlex.quote(a) for a in argv[argv.index("bench") :])
+    return "talkstream bench (called in-process; see options)"
+
+
+def _options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags, JSON-ready: with ``command``, exactly what was asked for."""
+    out: dict[str, Any] = {}
+    for key, value in sorted(vars(ns).items()):
+        if callable(value):
+            continue
+        out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
 def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespace], Any]) -> int:
     """Handler of ``talkstream bench``."""
     from talkstream.benchmarking.report import summarize_dir
@@ -330,8 +379,10 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
     if not ns.no_plots:
         _require("matplotlib", "PNG plots (or pass --no-plots)")
     if ns.anchors and importlib.util.find_spec("diffusers") is None:
-        log.warning("diffusers is not installed: the MuseTalk-equivalent anchor will be skipped "
-                    "(pip install 'talkstream[bench]')")  # fmt: skip
+        log.warning(
+            "diffusers is not installed: the MuseTalk-equivalent anchor will be skipped "
+            "(pip install 'talkstream[bench]')"
+        )
     # Validate every flag before loading anything: a typo fails in milliseconds.
     scenarios = build_scenarios(ns)
     for key in ("iters", "warmup", "max_sessions", "anchor_iters"):
@@ -339,10 +390,17 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
             raise TalkstreamError(f"--{key.replace('_', '-')} must be positive")
     clips = [float(c) for c in parse_int_list(ns.memory_clips, "--memory-clips")]
 
+    import os
+
     import torch
 
     from talkstream.benchmarking import report
 
+    if not getattr(ns, "verbose", False):
+        # The ONNX exporter's passes log every rewrite at INFO: hundreds of lines per backend
+        # build that would bury the benchmark's own progress.
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     base = engine_config(ns)
     if base.threads is not None:
         torch.set_num_threads(base.threads)
@@ -351,26 +409,34 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
     result: dict[str, Any] = {
         "schema": report.SCHEMA,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "talkstream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if Path(sys.argv[0]).name == "talkstream"
-        else " ".join(shlex.quote(a) for a in sys.argv),  # fmt: skip
+        "command": _command_line(),
+        "options": _options(ns),
         "machine": report.machine_info(),
         "scenarios": [],
     }
+
+    def save() -> None:
+        # After every part: a run cut short (a time limit, Ctrl-C) keeps what it measured.
+        result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        report.write_json(result, out_dir / "bench.json")
+
     if getattr(ns, "browser", None):
         result["browser"] = _run_browser(ns.browser, out_dir)
     else:
-        _run_local(ns, base, scenarios, clips, result)
-    import os
-
-    result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    report.write_json(result, out_dir / "bench.json")
+        _run_local(ns, base, scenarios, clips, result, save)
+    save()
     md = report.render_markdown(result)
     (out_dir / "bench.md").write_text(md)
     plots = [] if ns.no_plots else report.write_plots(result, out_dir)
     sys.stdout.write("\n" + md)
-    print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
-          + (f" and {len(plots)} plots" if plots else ""))  # fmt: skip
+    print(
+        f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
+        + (f" and {len(plots)} plots" if plots else "")
+    )
+    failed = [r["name"] for r in result["scenarios"] if r["status"] == "failed"]
+    if failed:
+        print(f"talkstream bench: {len(failed)} scenario(s) failed: {', '.join(failed)}")
+        return 1
     return 0
 
 
@@ -380,6 +446,7 @@ def _run_local(
     scenarios: list[Any],
     clips: list[float],
     result: dict[str, Any],
+    save: Callable[[], None],
 ) -> None:
     from talkstream.benchmarking import runner
 
@@ -392,7 +459,14 @@ def _run_local(
                 raise
             log.warning("scenario %s skipped: %s", sc.name, e)
             r = runner.skipped(sc, str(e))
+        except Exception as e:
+            if not ns.keep_going:
+                raise
+            # Logged with its traceback, recorded as failed, and the exit status says so.
+            log.exception("scenario %s failed", sc.name)
+            r = runner.skipped(sc, f"{type(e).__name__}: {e}", status="failed")
         result["scenarios"].append(r)
+        save()
         if r["status"] == "ok":
             log.info(
                 "  core p50 %.2f ms, frame p50 %.2f ms, %.1f fps",
@@ -400,36 +474,40 @@ def _run_local(
                 r["derived"]["frame"]["p50"],
                 r["fps"],
             )
-    main = next((s for s, r in zip(scenarios, result["scenarios"], strict=True)
-                 if r["status"] == "ok"), None)  # fmt: skip
+    ran = [sc for sc, r in zip(scenarios, result["scenarios"], strict=True) if r["status"] == "ok"]
     e2e_s = float(_opt(ns, "e2e_seconds"))
-    if main is not None and (e2e_s > 0 or not ns.no_throughput):
-        _run_streaming(ns, base, main, e2e_s, result)
+    if ran and (e2e_s > 0 or not ns.no_throughput):
+        _run_streaming(ns, base, ran[0], e2e_s, result, save)
     if ns.anchors:
         from talkstream.benchmarking.anchors import run_anchors
 
-        ref = main or scenarios[0]
+        ref = ran[0] if ran else scenarios[0]
         runner.check_device(ref.device)
-        log.info("anchors on %s %s (%d iterations each)", ref.device, ref.dtype,
-                 _opt(ns, "anchor_iters"))  # fmt: skip
+        iters = _opt(ns, "anchor_iters")
+        log.info("anchors on %s %s (%d iterations each)", ref.device, ref.dtype, iters)
         result["anchors"] = run_anchors(
-            device=ref.device, dtype=ref.dtype, steps=ref.steps, iters=_opt(ns, "anchor_iters")
+            device=ref.device, dtype=ref.dtype, steps=ref.steps, iters=iters
         )
+        save()
     if ns.memory:
         from talkstream.benchmarking.render_memory import run_render_memory
 
-        log.info(
-            "render peak memory on %s s clips (subprocesses)", ", ".join(f"{c:g}" for c in clips)
-        )
+        log.info("render peak memory on %s s clips", ", ".join(f"{c:g}" for c in clips))
         result["render_memory"] = run_render_memory(
             clips, engine_cli_args(ns), ns.out / "render-memory"
         )
+        save()
 
 
 def _run_streaming(
-    ns: argparse.Namespace, base: Any, main: Any, e2e_s: float, result: dict[str, Any]
+    ns: argparse.Namespace,
+    base: Any,
+    main: Any,
+    e2e_s: float,
+    result: dict[str, Any],
+    save: Callable[[], None],
 ) -> None:
-    """End-to-end latency and throughput on the first scenario's model, one engine for both."""
+    """End-to-end latency and throughput on the first scenario's engine and backend."""
     import dataclasses
 
     from talkstream.benchmarking import runner
@@ -439,36 +517,37 @@ def _run_streaming(
     sc = dataclasses.replace(main, sessions=1, batch=1, name="")
     handle = runner.build_engine(sc, base)
     engine = handle.engine
+    reference = sc.kernels == "reference"
     try:
         avatar = runner.prepare_bench_avatar(engine, sc.frame_size)
         engine.prepare(avatar)
-        reference = sc.kernels == "reference"
-        with runner.use_backend(engine, runner.load_backend(engine, sc)):
-            if e2e_s > 0:
-                log.info("end-to-end latency: %.1f s of audio in real time", e2e_s)
-                result["e2e"] = run_e2e(
-                    engine,
-                    avatar,
-                    seconds=e2e_s,
-                    encode=sc.encode,
-                    seed=sc.seed,
-                    lookahead=sc.lookahead,
-                    reference=reference,
-                )
-                result["e2e"]["scenario"] = sc.name
-            if not ns.no_throughput:
-                log.info("throughput: sessions search up to %d", _opt(ns, "max_sessions"))
-                result["throughput"] = run_throughput(
-                    engine,
-                    avatar,
-                    max_sessions=_opt(ns, "max_sessions"),
-                    ticks=_opt(ns, "ticks"),
-                    confirm_seconds=_opt(ns, "confirm_seconds"),
-                    seed=sc.seed,
-                    lookahead=sc.lookahead,
-                    reference=reference,
-                )
-                result["throughput"]["scenario"] = sc.name
+        if e2e_s > 0:
+            log.info("end-to-end latency: %.1f s of audio in real time", e2e_s)
+            e2e = run_e2e(
+                engine,
+                avatar,
+                seconds=e2e_s,
+                encode=sc.encode,
+                seed=sc.seed,
+                lookahead=sc.lookahead,
+                reference=reference,
+            )
+            result["e2e"] = {"scenario": sc.name, **e2e}
+            save()
+        if not ns.no_throughput:
+            log.info("throughput: sessions search up to %d", _opt(ns, "max_sessions"))
+            thr = run_throughput(
+                engine,
+                avatar,
+                max_sessions=_opt(ns, "max_sessions"),
+                ticks=_opt(ns, "ticks"),
+                confirm_seconds=_opt(ns, "confirm_seconds"),
+                seed=sc.seed,
+                lookahead=sc.lookahead,
+                reference=reference,
+            )
+            result["throughput"] = {"scenario": sc.name, **thr}
+            save()
     finally:
         engine.close()
 

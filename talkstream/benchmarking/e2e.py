@@ -65,7 +65,7 @@ def run_e2e(
         raise ValueError(f"seconds must be positive, got {seconds}")
     session = engine.session(avatar, seed=seed, lookahead=lookahead)
     st = session.streamer
-    n_chunks = int(round(seconds / CHUNK_S))
+    n_chunks = round(seconds / CHUNK_S)
     pcm = speech_pcm(n_chunks * CHUNK_SAMPLES)
     t_call = np.zeros(n_chunks)  # when each chunk's push_audio call began
     rows_after = np.zeros(n_chunks, dtype=np.int64)  # mel rows held after that push

@@ -42,8 +42,19 @@ def run_render_memory(
         wav = work_dir / f"clip_{clip:g}s.wav"
         sf.write(str(wav), speech_pcm(int(clip * SAMPLE_RATE_HZ)), SAMPLE_RATE_HZ)
         out = work_dir / f"clip_{clip:g}s.mp4"
-        cmd = [sys.executable, "-m", "talkstream.cli", "render", "--audio", str(wav),
-               "--out", str(out), "--no-progress", "--no-cache", *engine_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "talkstream.cli",
+            "render",
+            "--audio",
+            str(wav),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-cache",
+            *engine_args,
+        ]
         log = work_dir / f"render_{clip:g}s.log"
         entry: dict[str, Any] = {"clip_s": clip, "command": " ".join(cmd), "log": str(log)}
         try:

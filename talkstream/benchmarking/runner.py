@@ -25,11 +25,9 @@ iteration's wall time; ``unattributed`` = frame minus the sum of the stages.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
@@ -49,7 +47,7 @@ from talkstream.benchmarking.scenario import Scenario
 from talkstream.benchmarking.timing import StageRecorder, summarize
 from talkstream.config import FPS, SAMPLE_RATE_HZ, AvatarConfig, EngineConfig
 from talkstream.engine.avatar import Avatar, default_landmarks, prepare_avatar
-from talkstream.engine.checkpoint import Models
+from talkstream.engine.checkpoint import Models, load_checkpoint
 from talkstream.engine.denoiser import DenoiserConfig, TalkFormerDenoiser
 from talkstream.engine.motion import AudioToMotion, MotionConfig, rows_needed
 from talkstream.engine.pipeline import Engine, Session, default_checkpoint
@@ -74,49 +72,22 @@ class BackendUnavailable(TalkstreamError):
     """A scenario's backend cannot run here; the message says why and what to install."""
 
 
-DenoiseFn = Callable[..., torch.Tensor]  # (x_t, t, landmarks=..., ref=...) -> x0
-BackendFactory = Callable[[Engine, Scenario], DenoiseFn]
+def check_backend(name: str, device: str, dtype: str) -> None:
+    """Raise ``BackendUnavailable`` with the export layer's reason unless ``name`` can run."""
+    from talkstream.export.backends import AUTO, get_backend
+
+    if name == AUTO:
+        return  # the engine picks the fastest available one and logs which
+    ok, why = get_backend(name).available(device, dtype)
+    if not ok:
+        raise BackendUnavailable(f"backend {name!r} cannot run on {device} ({dtype}): {why}")
 
 
-def _torch_backend(engine: Engine, scenario: Scenario) -> DenoiseFn:
-    return engine.denoiser
+def fused_sampler(engine: Engine) -> bool:
+    """Whether the engine's backend runs the whole few-step loop as one call (one graph)."""
+    from talkstream.export.backends import LoadedModels
 
-
-# Backend name -> factory returning a callable with the eager denoiser's signature. The export
-# layer's backends (talkstream/export/backends.py: compiled, onnxruntime, tensorrt) plug in
-# here: a factory loads the backend for ``engine`` (its denoiser, device and dtype) and returns
-# a function ``fn(x_t, t, landmarks=..., ref=...) -> x0`` wrapping the backend's ``run``. The
-# load time of the factory (export, compile, engine build) is reported as warm-up.
-BACKEND_FACTORIES: dict[str, BackendFactory] = {"torch": _torch_backend}
-
-
-def load_backend(engine: Engine, scenario: Scenario) -> DenoiseFn:
-    factory = BACKEND_FACTORIES.get(scenario.backend)
-    if factory is None:
-        raise BackendUnavailable(
-            f"backend {scenario.backend!r} has no benchmark adapter yet: add a factory for it "
-            "to talkstream.benchmarking.runner.BACKEND_FACTORIES (available: "
-            f"{', '.join(sorted(BACKEND_FACTORIES))})"
-        )
-    return factory(engine, scenario)
-
-
-@contextlib.contextmanager
-def use_backend(engine: Engine, fn: DenoiseFn) -> Iterator[None]:
-    """Within this block ``Engine.render`` calls ``fn`` instead of the eager denoiser.
-
-    ``Engine`` has no backend switch yet; its sampler calls ``engine.denoiser``, so swapping that
-    attribute runs the whole real pipeline through the backend. Restored on exit.
-    """
-    original = engine.denoiser
-    if fn is original:
-        yield
-        return
-    engine.denoiser = fn  # type: ignore[assignment]  # a callable with the same signature
-    try:
-        yield
-    finally:
-        engine.denoiser = original
+    return type(engine.backend).sample is not LoadedModels.sample
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -180,13 +151,26 @@ def speech_pcm(n_samples: int) -> np.ndarray:
     return np.tile(pcm, reps)[:n_samples].astype(np.float32)
 
 
-class Feeder:
-    """One session and its audio: pushes 20 ms chunks until enough frames are due."""
+# Sessions start at different points of the sentence, as real users speak different words; the
+# offsets stay below this (one repetition of the 9 s sample sentence).
+MAX_START_OFFSET = 9 * SAMPLE_RATE_HZ
 
-    def __init__(self, session: Session, audio: np.ndarray) -> None:
+
+def start_offset(i: int) -> int:
+    """Where session ``i`` starts in the shared speech buffer (a prime stride, 0.37 s)."""
+    return (i * 5923) % MAX_START_OFFSET
+
+
+class Feeder:
+    """One session and its audio: pushes 20 ms chunks until enough frames are due.
+
+    ``audio`` may be shared by many feeders (no copy per session); each reads it from ``start``.
+    """
+
+    def __init__(self, session: Session, audio: np.ndarray, start: int = 0) -> None:
         self.session = session
         self.audio = audio
-        self.cursor = 0
+        self.cursor = start
 
     def ready_count(self) -> int:
         """Frames the session could render now (without taking them)."""
@@ -228,7 +212,7 @@ def make_encoder(width: int, height: int) -> Any:
     ctx.width, ctx.height = width, height
     ctx.pix_fmt = "yuv420p"
     ctx.time_base = Fraction(1, FPS)
-    ctx.framerate = FPS
+    ctx.framerate = Fraction(FPS, 1)
     ctx.options = dict(X264_OPTIONS)
     return ctx
 
@@ -247,10 +231,11 @@ def encode_i420(ctx: Any, i420: np.ndarray, pts: int) -> int:
 
 @dataclass
 class EngineHandle:
-    """A loaded engine for one scenario, with what its loading cost."""
+    """A loaded engine for one scenario, with what loading it cost."""
 
     engine: Engine
-    load_s: float
+    model_load_s: float  # weights: checkpoint read or random init, on the host
+    backend_load_s: float  # Engine init: to the device + the backend's load (export, compile)
     weights: str  # "random" or the checkpoint path
 
 
@@ -285,35 +270,45 @@ def scenario_engine_config(sc: Scenario, base: EngineConfig) -> EngineConfig:
         preset=sc.preset,
         device=sc.device,
         dtype=sc.dtype,
+        backend=sc.backend,
         sampler=dataclasses.replace(base.sampler, steps=sc.steps, seed=sc.seed),
         lookahead_frames=sc.lookahead if sc.lookahead is not None else base.lookahead_frames,
-        avatar=dataclasses.replace(base.avatar, crop_size=sc.crop_size(), cache_dir=None),
+        # The avatar cache root doubles as the backends' artifact cache (ONNX graphs, engines):
+        # keep the user's, so a second run reuses what the first one built.
+        avatar=dataclasses.replace(base.avatar, crop_size=sc.crop_size()),
     )
 
 
 def build_engine(sc: Scenario, base: EngineConfig) -> EngineHandle:
-    """Load the scenario's networks: the given or shipped checkpoint, else random weights."""
+    """Load the scenario's networks (given or shipped checkpoint, else random) and backend.
+
+    Raises:
+        BackendUnavailable: the scenario's backend cannot run here.
+        TalkstreamError: no CUDA device, or a checkpoint that does not fit the scenario.
+    """
     check_device(sc.device)
+    check_backend(sc.backend, sc.device, sc.dtype)
     cfg = scenario_engine_config(sc, base)
     crop = sc.crop_size()
     native = DenoiserConfig.from_name(sc.preset).image_size == crop
     ckpt = base.checkpoint or (default_checkpoint(sc.preset) if native else None)
     t0 = time.perf_counter()
     if ckpt is not None:
-        engine = Engine(dataclasses.replace(cfg, checkpoint=ckpt))
-        weights = str(ckpt)
-        if engine.crop_size != crop:
-            engine.close()
+        models = load_checkpoint(ckpt, "cpu")
+        if models.denoiser.cfg.image_size != crop:
             raise TalkstreamError(
-                f"checkpoint {ckpt} renders {engine.crop_size}px faces but the scenario asks "
-                f"for {crop}px; drop --resolution or --checkpoint"
+                f"checkpoint {ckpt} renders {models.denoiser.cfg.image_size}px faces but the "
+                f"scenario asks for {crop}px; drop --resolution or --checkpoint"
             )
+        weights = str(ckpt)
     else:
-        engine = Engine(cfg, models=random_models(sc.preset, crop, cfg, sc.seed))
+        models = random_models(sc.preset, crop, cfg, sc.seed)
         weights = "random"
+    t1 = time.perf_counter()
+    engine = Engine(cfg, models=models)
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
-    return EngineHandle(engine, time.perf_counter() - t0, weights)
+    return EngineHandle(engine, t1 - t0, time.perf_counter() - t1, weights)
 
 
 def prepare_bench_avatar(engine: Engine, frame_size: tuple[int, int] | None) -> Avatar:
@@ -325,28 +320,26 @@ def prepare_bench_avatar(engine: Engine, frame_size: tuple[int, int] | None) -> 
 # -- one scenario ------------------------------------------------------------------------------
 
 
-def skipped(sc: Scenario, reason: str) -> dict[str, Any]:
-    return {"name": sc.name, "scenario": sc.to_dict(), "status": "skipped", "reason": reason}
+def skipped(sc: Scenario, reason: str, status: str = "skipped") -> dict[str, Any]:
+    """The result of a scenario that did not run (``skipped``) or broke (``failed``)."""
+    return {"name": sc.name, "scenario": sc.to_dict(), "status": status, "reason": reason}
 
 
 class _ScenarioRun:
     """State of one scenario's measured loop (sessions, encoders, buffers)."""
 
-    def __init__(
-        self, sc: Scenario, engine: Engine, avatar: Avatar, denoise: DenoiseFn, seconds: float
-    ) -> None:
+    def __init__(self, sc: Scenario, engine: Engine, avatar: Avatar, seconds: float) -> None:
         self.sc = sc
         self.engine = engine
-        self.denoise = denoise
-        n_audio = int(seconds * SAMPLE_RATE_HZ) + 2 * SAMPLE_RATE_HZ
+        self.fused = fused_sampler(engine)
+        n_audio = int(seconds * SAMPLE_RATE_HZ) + 2 * SAMPLE_RATE_HZ + MAX_START_OFFSET
         speech = speech_pcm(n_audio)
         self.feeders = []
         for i in range(sc.sessions):
             session = engine.session(avatar, seed=sc.seed + i, lookahead=sc.lookahead)
             session.max_batch = sc.batch
             # Each session speaks from another point of the sentence, as real users would.
-            offset = (i * 5923) % speech.shape[0]
-            self.feeders.append(Feeder(session, np.roll(speech, -offset)))
+            self.feeders.append(Feeder(session, speech, start_offset(i)))
         h, w = avatar.image.shape[:2]
         self.encoders = [make_encoder(w, h) for _ in self.feeders] if sc.encode else []
         self.i420 = [np.empty((h * 3 // 2, w), np.uint8) for _ in self.feeders]
@@ -380,7 +373,7 @@ class _ScenarioRun:
             disp = torch.empty(len(sessions), *eng.motion.head_shape, device=dev)  # (N, 37, 2)
             for la in sorted({s.lookahead for s in sessions}):
                 sel = [i for i, s in enumerate(sessions) if s.lookahead == la]
-                disp[sel] = eng.motion(win_t[sel], neutral[sel], la)
+                disp[sel] = eng.backend.motion(win_t[sel], neutral[sel], la)
             target = eng.motion.apply_displacement(neutral, disp)  # (N, 68, 2)
             idle = np.stack([s.idle.offset(p) for s, p in zip(sessions, pts_list, strict=True)])
             target = target + torch.from_numpy(idle).to(dev)  # (N, 68, 2)
@@ -388,24 +381,36 @@ class _ScenarioRun:
         # as Engine._denoise does.
         ref = sessions[0].prepared.ref
         noise = torch.cat([s.noise for s in sessions])  # (N, 3, S, S)
-        step = 0
+        lm = target.to(eng.dtype)  # (N, 68, 2)
+        if self.fused:
+            # The backend runs the whole loop as one graph, as Engine.render calls it: one stage.
+            name = "denoise_step1" if sc.steps == 1 else f"denoise_steps1-{sc.steps}"
+            with rec.device(name):
+                x0 = eng.backend.sample(eng.sampler, noise, lm, ref)  # (N, 3, S, S)
+        else:
+            # The generic loop (LoadedModels.sample): the same sampler over the same denoiser
+            # calls, each timed on its own.
+            step = 0
 
-        def timed_denoise(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-            nonlocal step
-            step += 1
-            with rec.device(f"denoise_step{step}"):
-                return self.denoise(x, t, **cond)
+            def timed_denoise(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+                nonlocal step
+                step += 1
+                with rec.device(f"denoise_step{step}"):
+                    return eng.backend.denoiser(x, t, cond["landmarks"], cond["ref"])
 
-        x0 = eng.sampler.sample(timed_denoise, noise, landmarks=target.to(eng.dtype), ref=ref)
+            x0 = eng.sampler.sample(timed_denoise, noise, landmarks=lm, ref=ref)
         with rec.device("to_host"):
             img = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             crops = img.permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
+            # Engine.render also hands each Frame its landmarks on the host.
+            target.float().cpu().numpy()  # (N, 68, 2)
         images = []
         with rec.host("paste_back"):
             for i, s in enumerate(sessions):
                 image = s.output_buffer()
-                paste_back(s.prepared.avatar.image, crops[i], s.pmap, out=image,
-                           out_has_background=True)  # fmt: skip
+                paste_back(
+                    s.prepared.avatar.image, crops[i], s.pmap, out=image, out_has_background=True
+                )
                 images.append(image)
         core = time.perf_counter() - t_core
         if sc.encode:
@@ -431,7 +436,7 @@ def run_scenario(
     handle: EngineHandle | None = None,
     engine_render_check: bool = True,
 ) -> dict[str, Any]:
-    """Measure one scenario; returns its JSON-ready result.
+    """Measure one scenario; returns its JSON-ready result (see the module docstring).
 
     ``handle``: an engine already loaded for this scenario's model (its load time is then not
     this scenario's warm-up); the caller keeps ownership.
@@ -449,12 +454,8 @@ def run_scenario(
     reset_device_peak(dev)
     try:
         t0 = time.perf_counter()
-        denoise = load_backend(engine, sc)
-        backend_load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        face_t0 = t0
         avatar = prepare_bench_avatar(engine, sc.frame_size)
-        avatar_s = time.perf_counter() - face_t0
+        avatar_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         with reference_kernels(sc.kernels == "reference"):
             engine.prepare(avatar)
@@ -463,7 +464,7 @@ def run_scenario(
         ref_s = time.perf_counter() - t0
 
         n_iters = sc.warmup + sc.iters + ENGINE_RENDER_CHECK_ITERS + 2
-        run = _ScenarioRun(sc, engine, avatar, denoise, n_iters * sc.batch / FPS + 1.0)
+        run = _ScenarioRun(sc, engine, avatar, n_iters * sc.batch / FPS + 1.0)
         rec = StageRecorder(dev)
         cores: list[float] = []
         frames_wall: list[float] = []
@@ -488,18 +489,17 @@ def run_scenario(
                     warm_ms.append(wall * 1e3)
             render_samples: list[float] = []
             if engine_render_check:
-                with use_backend(engine, denoise):
-                    for _ in range(min(sc.iters, ENGINE_RENDER_CHECK_ITERS)):
-                        for f in run.feeders:
-                            f.feed(sc.batch)
-                        items = take_ready(run.feeders)
-                        t_r = time.perf_counter()
-                        engine.render(items)
-                        render_samples.append(time.perf_counter() - t_r)
+                for _ in range(min(sc.iters, ENGINE_RENDER_CHECK_ITERS)):
+                    for f in run.feeders:
+                        f.feed(sc.batch)
+                    items = take_ready(run.feeders)
+                    t_r = time.perf_counter()
+                    engine.render(items)
+                    render_samples.append(time.perf_counter() - t_r)
         run.close()
 
         summaries = rec.summaries()
-        stages = {k: v.to_dict() for k, v in summaries.items() if k != "unattributed"}
+        stage_stats = {k: v.to_dict() for k, v in summaries.items() if k != "unattributed"}
         post = [
             a + b
             for a, b in zip(
@@ -530,26 +530,28 @@ def run_scenario(
             "scenario": sc.to_dict(),
             "status": "ok",
             "weights": handle.weights,
+            "backend": engine.backend.describe(),
+            "sampler_fused": run.fused,
             "avatar": {
                 "frame": [int(avatar.image.shape[1]), int(avatar.image.shape[0])],
                 "crop": int(engine.crop_size),
             },
             "timing": "cuda events (device stages) + perf_counter"
             if dev.type == "cuda"
-            else "perf_counter",  # fmt: skip
+            else "perf_counter",
             "unit": "ms per iteration",
             "frames_per_iteration": sc.frames_per_iter,
             "warmup": {
-                "model_load_s": round(handle.load_s, 4) if own else None,
-                "backend_load_s": round(backend_load_s, 4),
+                "model_load_s": round(handle.model_load_s, 4) if own else None,
+                "backend_load_s": round(handle.backend_load_s, 4) if own else None,
                 "avatar_prepare_s": round(avatar_s, 4),
                 "reference_encode_s": round(ref_s, 4),
                 "first_iteration_ms": round(first_ms, 3),
                 "warmup_iterations": sc.warmup,
                 "warmup_mean_ms": round(float(np.mean(warm_ms)), 3) if warm_ms else None,
             },
-            "stage_order": [k for k in rec.order if k in stages],
-            "stages": stages,
+            "stage_order": [k for k in rec.order if k in stage_stats],
+            "stages": stage_stats,
             "derived": derived,
             "engine_render": summarize(render_samples).to_dict() if render_samples else None,
             "fps": fps,

@@ -13,11 +13,6 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-# Backends the export layer defines (talkstream/export/backends.py). Only those with a factory
-# in ``talkstream.benchmarking.runner.BACKEND_FACTORIES`` can run; the others are accepted here
-# so that a scenario file can name them before their adapter lands (the run reports them as
-# unavailable, or skips them with --skip-unavailable).
-KNOWN_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16", "float16")
 # "ops": the registered custom ops (fused kernels where the device has them); "reference": the
 # plain pure-torch references (``talkstream.kernels.reference_kernels``). Side by side, they show
@@ -35,7 +30,9 @@ class Scenario:
 
     Attributes:
         preset: model architecture preset (``tiny``, ``base``).
-        backend: denoiser backend (``torch`` runs eager; see ``KNOWN_BACKENDS``).
+        backend: the engine's backend for motion and denoiser (``talkstream.export.backends``:
+            ``torch`` eager, ``compiled``, ``onnxruntime``, ``tensorrt``, or ``auto``). Whether
+            it can run here is checked when the scenario runs, not when it is built.
         resolution: side of the square face crop the denoiser renders, pixels; None: the
             preset's own (128 for ``tiny``, 256 for ``base``). Other sizes use the preset's
             architecture at that size with random weights (for like-for-like comparisons).
@@ -67,7 +64,7 @@ class Scenario:
     kernels: str = "ops"
     frame_size: tuple[int, int] | None = None
     encode: bool = True
-    iters: int = 60
+    iters: int = 50
     warmup: int = 5
     seed: int = 0
     lookahead: int | None = None
@@ -75,7 +72,7 @@ class Scenario:
 
     def __post_init__(self) -> None:
         _check_choice("preset", self.preset, _preset_names())
-        _check_choice("backend", self.backend, KNOWN_BACKENDS)
+        _check_choice("backend", self.backend, _backend_names())
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("kernels", self.kernels, KERNEL_PATHS)
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
@@ -174,6 +171,12 @@ def _preset_names() -> tuple[str, ...]:
     from talkstream.engine.denoiser import PRESETS  # lazy: torch
 
     return tuple(sorted(PRESETS))
+
+
+def _backend_names() -> tuple[str, ...]:
+    from talkstream.export.backends import backend_names  # lazy: torch
+
+    return backend_names()
 
 
 def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -118,7 +118,7 @@ class StageRecorder:
         self._add(name, seconds)
 
     def end_iteration(self, record: bool = True) -> dict[str, float]:
-        """Close the iteration; returns its per-stage seconds (kept in ``samples`` if ``record``)."""
+        """Close the iteration; return its per-stage seconds, kept in ``samples`` if ``record``."""
         if self._events:
             import torch
 

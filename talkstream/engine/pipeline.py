@@ -34,6 +34,7 @@ from talkstream.engine.denoiser import ReferenceFeatures
 from talkstream.engine.idle import IdleMotion
 from talkstream.engine.motion import MotionStreamer, latency_samples, silence_level
 from talkstream.engine.sampler import FewStepSampler, NoiseSchedule, session_noise
+from talkstream.export.backends import load_backend
 from talkstream.kernels.post import paste_back
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,19 @@ class Engine:
         self.audio_cfg = models.audio
         self.schedule = NoiseSchedule(models.sampler)
         self.sampler = FewStepSampler(self.schedule, cfg.sampler.steps)
+        # Motion and denoiser calls go through the backend (eager for "torch"); the modules
+        # above stay for their configs and the once-per-avatar reference encoding. Artifacts
+        # (ONNX graphs, engines) are cached under the same root as prepared avatars.
+        self.backend = load_backend(
+            cfg.backend,
+            models,
+            cfg.device,
+            dtype=cfg.dtype,
+            cache_dir=cfg.avatar.cache_dir,
+            threads=cfg.threads,
+            sampler=self.sampler,
+            lookaheads=() if cfg.lookahead_frames is None else (cfg.lookahead_frames,),
+        )
         self.crop_size = self.denoiser.cfg.image_size
         self._lock = threading.Lock()  # one model call at a time
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="talkstream-infer")
@@ -113,6 +127,7 @@ class Engine:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.backend.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -161,7 +176,7 @@ class Engine:
             disp = torch.empty(len(items), *self.motion.head_shape, device=dev)  # (N, 37, 2)
             for la in sorted({it.session.lookahead for it in items}):
                 sel = [i for i, it in enumerate(items) if it.session.lookahead == la]
-                disp[sel] = self.motion(windows[sel], neutral[sel], la)
+                disp[sel] = self.backend.motion(windows[sel], neutral[sel], la)
             target = self.motion.apply_displacement(neutral, disp)  # (N, 68, 2)
             idle = np.stack([it.session.idle.offset(it.pts) for it in items])  # (N, 68, 2)
             target = target + torch.from_numpy(idle).to(dev)
@@ -190,7 +205,7 @@ class Engine:
             ref = items[idx[0]].session.prepared.ref
             noise = torch.cat([items[i].session.noise for i in idx])  # (n, 3, S, S)
             lm = target[idx].to(self.dtype)  # (n, 68, 2)
-            x0 = self.sampler.sample(self.denoiser, noise, landmarks=lm, ref=ref)  # (n,3,S,S)
+            x0 = self.backend.sample(self.sampler, noise, lm, ref)  # (n, 3, S, S)
             img = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             out[idx] = img.permute(0, 2, 3, 1).cpu().numpy()  # (n, S, S, 3)
         return out

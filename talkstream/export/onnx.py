@@ -116,7 +116,12 @@ def denoiser_step_spec(n_levels: int, plugins: bool = False) -> GraphSpec:
         name="denoiser_step",
         inputs=("x_t", "t", "landmarks", *_ref_names(n_levels)),
         outputs=("x0",),
-        dynamic_axes={"x_t": {0: BATCH}, "t": {0: BATCH}, "landmarks": {0: BATCH}, "x0": {0: BATCH}},
+        dynamic_axes={
+            "x_t": {0: BATCH},
+            "t": {0: BATCH},
+            "landmarks": {0: BATCH},
+            "x0": {0: BATCH},
+        },
         plugins=plugins,
     )
 

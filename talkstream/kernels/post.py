@@ -372,12 +372,178 @@ def rgb_to_i420(rgb: Any, out: Any = None) -> Any:
     return out
 
 
+# --- fused paste-back + I420 (CuPy raw kernel) --------------------------------------------------
+#
+# On a GPU the two functions above are two passes over the frame: paste_back reads the background
+# and writes the RGB frame, rgb_to_i420 reads that frame again and writes the planes. For the
+# encoder only the planes matter, so one kernel does both: each thread takes one 2x2 block, pastes
+# its four pixels (bilinear taps, alpha blend, rounding: the same float32 arithmetic as
+# paste_back, with no fused multiply-adds so the rounding matches), writes their Y and the
+# block's U and V, and writes RGB only if asked. On the CPU numpy gains nothing from fusing (its
+# temporaries dominate), so there the function runs the two passes.
+
+
+def _f32(v: float) -> str:
+    return f"{float(np.float32(v))!r}f"
+
+
+_M = _BT601_LIMITED.astype(np.float32)
+_M_C = _M[1:] * np.float32(0.25)
+PASTE_I420_KERNEL = "paste_back_i420"
+_PASTE_I420_SOURCE = (
+    r"""
+extern "C" __global__ void paste_back_i420(
+    const unsigned char* __restrict__ bg,     // (H, W, 3) background
+    const float* __restrict__ face,           // (S*S, 3) crop, values in [0, 255]
+    const int* __restrict__ src_index,        // (4, N) taps into the crop, N = bh * bw
+    const float* __restrict__ src_weight,     // (4, N) bilinear weights
+    const float* __restrict__ alpha,          // (bh, bw) paste mask
+    const int H, const int W,
+    const int y0, const int y1, const int x0, const int x1,
+    unsigned char* __restrict__ yuv,          // (H * 3 / 2, W): Y, U, V planes
+    unsigned char* __restrict__ rgb_out,      // (H, W, 3), or null: planes only
+    const int write_rgb)
+{
+    const int bx = blockIdx.x * blockDim.x + threadIdx.x;  // 2x2 block column
+    const int by = blockIdx.y * blockDim.y + threadIdx.y;  // 2x2 block row
+    const int hw = W / 2, hh = H / 2;
+    if (bx >= hw || by >= hh) return;
+    const int bw = x1 - x0;
+    const int n_px = (y1 - y0) * bw;
+    float px[2][2][3];
+    for (int dy = 0; dy < 2; ++dy) {
+        for (int dx = 0; dx < 2; ++dx) {
+            const int y = 2 * by + dy, x = 2 * bx + dx;
+            const unsigned char* p = bg + ((size_t)y * W + x) * 3;
+            float c[3] = {(float)p[0], (float)p[1], (float)p[2]};
+            if (y >= y0 && y < y1 && x >= x0 && x < x1) {
+                const int n = (y - y0) * bw + (x - x0);
+                const float a = alpha[n];
+                for (int ch = 0; ch < 3; ++ch) {
+                    float s = 0.0f;  // ((t0 w0 + t1 w1) + t2 w2) + t3 w3, as numpy's sum
+                    for (int k = 0; k < 4; ++k) {
+                        const float t = face[(size_t)src_index[k * n_px + n] * 3 + ch];
+                        s = __fadd_rn(s, __fmul_rn(t, src_weight[k * n_px + n]));
+                    }
+                    const float v = __fadd_rn(c[ch], __fmul_rn(a, __fsub_rn(s, c[ch])));
+                    c[ch] = fminf(fmaxf(rintf(v), 0.0f), 255.0f);
+                }
+            }
+            if (write_rgb) {
+                unsigned char* o = rgb_out + ((size_t)y * W + x) * 3;
+                o[0] = (unsigned char)c[0]; o[1] = (unsigned char)c[1]; o[2] = (unsigned char)c[2];
+            }
+            const float luma = __fadd_rn(__fadd_rn(__fadd_rn(__fmul_rn(c[0], MY0),
+                __fmul_rn(c[1], MY1)), __fmul_rn(c[2], MY2)), 16.0f);
+            yuv[(size_t)y * W + x] = (unsigned char)fminf(fmaxf(rintf(luma), 0.0f), 255.0f);
+            px[dy][dx][0] = c[0]; px[dy][dx][1] = c[1]; px[dy][dx][2] = c[2];
+        }
+    }
+    float q[3];  // (p00 + p10) + (p01 + p11): rows first, as rgb_to_i420
+    for (int ch = 0; ch < 3; ++ch)
+        q[ch] = __fadd_rn(__fadd_rn(px[0][0][ch], px[1][0][ch]),
+                          __fadd_rn(px[0][1][ch], px[1][1][ch]));
+    const float u = __fadd_rn(__fadd_rn(__fadd_rn(__fmul_rn(q[0], MU0), __fmul_rn(q[1], MU1)),
+                                        __fmul_rn(q[2], MU2)), 128.0f);
+    const float v = __fadd_rn(__fadd_rn(__fadd_rn(__fmul_rn(q[0], MV0), __fmul_rn(q[1], MV1)),
+                                        __fmul_rn(q[2], MV2)), 128.0f);
+    const size_t plane = (size_t)H * W, cidx = (size_t)by * hw + bx;
+    yuv[plane + cidx] = (unsigned char)fminf(fmaxf(rintf(u), 0.0f), 255.0f);
+    yuv[plane + (size_t)hh * hw + cidx] = (unsigned char)fminf(fmaxf(rintf(v), 0.0f), 255.0f);
+}
+""".replace("MY0", _f32(_M[0, 0]))
+    .replace("MY1", _f32(_M[0, 1]))
+    .replace("MY2", _f32(_M[0, 2]))
+    .replace("MU0", _f32(_M_C[0, 0]))
+    .replace("MU1", _f32(_M_C[0, 1]))
+    .replace("MU2", _f32(_M_C[0, 2]))
+    .replace("MV0", _f32(_M_C[1, 0]))
+    .replace("MV1", _f32(_M_C[1, 1]))
+    .replace("MV2", _f32(_M_C[1, 2]))
+)
+_BLOCK = (16, 16, 1)  # threads per CUDA block, over (2x2-block columns, rows)
+_raw_kernel: Any = None
+
+
+def _paste_i420_kernel(cupy: ModuleType) -> Any:
+    global _raw_kernel
+    if _raw_kernel is None:  # compiled by NVRTC on first use, then cached by CuPy on disk
+        _raw_kernel = cupy.RawKernel(_PASTE_I420_SOURCE, PASTE_I420_KERNEL)
+    return _raw_kernel
+
+
+def paste_back_i420(
+    background: Any, face: Any, pmap: PasteMap, out: Any = None, *, rgb_out: Any = None
+) -> Any:
+    """Paste ``face`` into ``background`` and return the frame as I420, in one pass on GPU.
+
+    Equal to ``rgb_to_i420(paste_back(background, face, pmap))`` (to within one 8-bit level:
+    float sums may round differently on the GPU); numpy inputs run exactly those two functions,
+    CuPy inputs one fused raw kernel that never writes the RGB frame unless ``rgb_out`` is given.
+
+    Args:
+        background: (H, W, 3) uint8 frame, H and W even (numpy or cupy).
+        face: (S, S, 3) crop, uint8 or float32 in [0, 255], same array module.
+        pmap: the avatar's paste map in the same array module.
+        out: optional (H * 3 // 2, W) uint8 C-contiguous destination for the planes.
+        rgb_out: optional (H, W, 3) uint8 C-contiguous destination for the pasted RGB frame
+            (for a preview or a second encoder); not written when None.
+
+    Returns:
+        ``out``, or a new (H * 3 // 2, W) uint8 array.
+    """
+    xp = get_array_module(background)
+    if xp is np:
+        rgb = paste_back(background, face, pmap, out=rgb_out)
+        return rgb_to_i420(rgb, out=out)
+    _check_image(background, "background")
+    _check_image(face, "face", dtypes=("uint8", "float32"))
+    h, w = int(background.shape[0]), int(background.shape[1])
+    if h % 2 or w % 2:
+        raise ValueError(f"I420 needs even height and width, got {tuple(background.shape)}")
+    if (h, w) != tuple(pmap.frame_hw):
+        raise ValueError(f"background is {h}x{w} but the paste map is for {pmap.frame_hw}")
+    s = pmap.crop_size
+    if tuple(face.shape) != (s, s, 3):
+        raise ValueError(f"face must have shape ({s}, {s}, 3) for this paste map, got {face.shape}")
+    for name, a in (("face", face), ("pmap", pmap.alpha)):
+        if get_array_module(a) is not xp:
+            raise TypeError(f"{name} is not a cupy array like background (pmap.to(cupy) once)")
+    if out is None:
+        out = xp.empty((h * 3 // 2, w), dtype=xp.uint8)
+    elif tuple(out.shape) != (h * 3 // 2, w) or str(out.dtype) != "uint8":
+        raise ValueError(f"out must be ({h * 3 // 2}, {w}) uint8, got {out.shape} {out.dtype}")
+    if rgb_out is not None and tuple(rgb_out.shape) != (h, w, 3):
+        raise ValueError(f"rgb_out must have shape ({h}, {w}, 3), got {rgb_out.shape}")
+    for name, a in (("background", background), ("out", out), ("rgb_out", rgb_out)):
+        if a is not None and not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+    y0, y1, x0, x1 = pmap.bbox
+    face_f = xp.ascontiguousarray(face, dtype=xp.float32)  # (S, S, 3): the crop is small
+    grid = (-(-(w // 2) // _BLOCK[0]), -(-(h // 2) // _BLOCK[1]), 1)
+    _paste_i420_kernel(xp)(
+        grid,
+        _BLOCK,
+        (
+            background, face_f,
+            xp.ascontiguousarray(pmap.src_index, dtype=xp.int32),
+            xp.ascontiguousarray(pmap.src_weight, dtype=xp.float32),
+            xp.ascontiguousarray(pmap.alpha, dtype=xp.float32),
+            np.int32(h), np.int32(w), np.int32(y0), np.int32(y1), np.int32(x0), np.int32(x1),
+            out, rgb_out if rgb_out is not None else out, np.int32(rgb_out is not None),
+        ),
+    )  # fmt: skip
+    return out
+
+
 __all__ = [
+    "PASTE_I420_KERNEL",
     "PasteMap",
     "bilinear_taps",
     "build_paste_map",
     "get_array_module",
     "invert_affine",
     "paste_back",
+    "paste_back_i420",
     "rgb_to_i420",
 ]

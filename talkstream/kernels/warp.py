@@ -223,8 +223,9 @@ def warp_blend_triton(
         raise RuntimeError("warp_blend_triton needs Triton: pip install 'talkstream[gpu]'")
     check_warp_blend_inputs(x, ref, flow, mask)
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"warp_blend_triton: dtype {x.dtype} is not one of float32, float16, "
-                        "bfloat16")  # fmt: skip
+        raise TypeError(
+            f"warp_blend_triton: dtype {x.dtype} is not one of float32, float16, bfloat16"
+        )
     if x.device.type != "cuda" and not _interpreting(_warp_blend_kernel):
         raise ValueError(
             f"warp_blend_triton: tensors must be on a CUDA device, got {x.device} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ MAX_RATE_HZ = 192_000
 MAX_CHANNELS = 8
 WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
 RAW_TYPES = frozenset({"application/octet-stream", "audio/pcm"})
-RAW_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
+RAW_FORMATS: dict[str, np.dtype[Any]] = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 
 
 class SpeechFormatError(ValueError):
@@ -71,9 +72,7 @@ def raw_format(params: Mapping[str, str]) -> RawFormat:
         raise SpeechFormatError(f"channels={channels} is outside 1..{MAX_CHANNELS}")
     fmt = params.get("format", "s16le")
     if fmt not in RAW_FORMATS:
-        raise SpeechFormatError(
-            f"format={fmt!r} is not one of {', '.join(sorted(RAW_FORMATS))}"
-        )
+        raise SpeechFormatError(f"format={fmt!r} is not one of {', '.join(sorted(RAW_FORMATS))}")
     return RawFormat(rate, channels, fmt)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,8 @@ log = logging.getLogger(__name__)
 AUDIO_CODECS = frozenset({"opus", "pcmu", "pcma", "g722"})
 VIDEO_CODECS = frozenset({"vp8", "h264"})
 _LOOPBACK_ADDRESSES = ("127.0.0.1",)
+_FINGERPRINT_ALGORITHMS = frozenset({"sha-1", "sha-224", "sha-256", "sha-384", "sha-512"})
+_FINGERPRINT_VALUE = re.compile(r"^(?:[0-9A-Fa-f]{2}:)+[0-9A-Fa-f]{2}$")
 
 
 class OfferError(ValueError):
@@ -52,13 +55,14 @@ def check_offer(sdp: str, *, need_mic: bool, max_bytes: int) -> OfferInfo:
         raise OfferError("the offer's sdp is not an SDP session description (must start v=0)")
     try:
         desc = SessionDescription.parse(sdp)
-    except Exception as e:  # noqa: BLE001 - the parser raises assorted errors on bad input
+    except Exception as e:
         log.debug("unparsable SDP offer", exc_info=True)
         raise OfferError(f"the SDP offer cannot be parsed ({type(e).__name__}: {e})") from e
     if not desc.media:
         raise OfferError("the SDP offer has no media sections (m= lines)")
     sends_audio = receives_audio = receives_video = False
     for media in desc.media:
+        _check_transport(media)
         names = {c.name.lower() for c in media.rtp.codecs}
         if media.kind == "audio":
             if not names & AUDIO_CODECS:
@@ -86,6 +90,23 @@ def check_offer(sdp: str, *, need_mic: bool, max_bytes: int) -> OfferInfo:
             "(addTransceiver('video', {direction: 'recvonly'}))"
         )
     return OfferInfo(sends_audio, receives_audio, receives_video)
+
+
+def _check_transport(media: object) -> None:
+    """ICE credentials and a well-formed DTLS fingerprint: without them the connection could
+    only fail later, after a session was set up for nothing."""
+    ice = getattr(media, "ice", None)
+    if ice is None or not ice.usernameFragment or not ice.password:
+        raise OfferError("a media section of the offer has no ICE credentials (ice-ufrag/pwd)")
+    dtls = getattr(media, "dtls", None)
+    fingerprints = list(dtls.fingerprints) if dtls is not None else []
+    if not fingerprints:
+        raise OfferError("a media section of the offer has no DTLS fingerprint")
+    for fp in fingerprints:
+        if fp.algorithm.lower() not in _FINGERPRINT_ALGORITHMS or not _FINGERPRINT_VALUE.match(
+            fp.value
+        ):
+            raise OfferError(f"malformed DTLS fingerprint {fp.algorithm} {fp.value[:40]!r}")
 
 
 def without_remb(sdp: str) -> str:

@@ -89,8 +89,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise web.HTTPRequestEntityTooLarge(
             max_size=limit,
             actual_size=request.content_length,
-            text=json.dumps({"error": f"body of {request.content_length} bytes is over the "
-                             f"limit of {limit} bytes"}),
+            text=json.dumps(
+                {
+                    "error": f"body of {request.content_length} bytes is over the "
+                    f"limit of {limit} bytes"
+                }
+            ),
             content_type="application/json",
         )
     chunks: list[bytes] = []
@@ -120,10 +124,10 @@ async def read_offer(request: web.Request, cfg: ServeConfig) -> str:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise OfferError(f"the body is not JSON: {e}") from None
     if not isinstance(data, dict):
-        raise OfferError("the body must be a JSON object {\"sdp\": ..., \"type\": \"offer\"}")
+        raise OfferError('the body must be a JSON object {"sdp": ..., "type": "offer"}')
     sdp, kind = data.get("sdp"), data.get("type")
     if kind != "offer":
-        raise OfferError(f"type must be \"offer\", got {kind!r}")
+        raise OfferError(f'type must be "offer", got {kind!r}')
     if not isinstance(sdp, str) or not sdp:
         raise OfferError("sdp must be a non-empty string")
     return sdp
@@ -478,7 +482,9 @@ async def serve(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> None:
         port = int(runner.addresses[0][1])
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     host = f"[{host}]" if ":" in host else host
-    print(f"talkstream: open http://{host}:{port}/ in a browser and allow the microphone", flush=True)
+    print(
+        f"talkstream: open http://{host}:{port}/ in a browser and allow the microphone", flush=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -516,4 +522,3 @@ def run(cfg: ServeConfig) -> int:
 
 
 __all__ = ["create_app", "load_avatar", "mouth_box", "read_body", "run", "serve", "warm_up"]
-

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
 
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
@@ -70,6 +71,28 @@ class Presenter:
     viewers: set[Peer] = field(default_factory=set)
 
 
+def hold_video_bitrate(sender: RTCRtpSender) -> None:
+    """Make an aiortc video sender ignore receiver bitrate estimates (REMB).
+
+    aiortc restarts its video encoder, with a keyframe at a new quality, whenever an estimate
+    moves the target by more than 10 %; Chrome sends estimates every second or so (even when
+    the answer negotiates none), so a steady face would pulse. The encoder keeps its default
+    bitrate instead (VP8 500 kbit/s, H.264 1 Mbit/s). aiortc has no option for this, so the
+    sender's RTCP handler is wrapped to drop REMB (application-layer PSFB) packets.
+    """
+    original = getattr(sender, "_handle_rtcp_packet", None)
+    if original is None:
+        log.warning("this aiortc has no RTCRtpSender._handle_rtcp_packet: REMB is not held off")
+        return
+
+    async def handle(packet: object) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            return
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
 class SessionManager:
     """Creates and tears down live sessions, presenters and viewers.
 
@@ -98,6 +121,7 @@ class SessionManager:
         self.presenters: dict[str, Presenter] = {}
         self._reserved = 0  # streams being set up (counted before their first await)
         self._reaper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self.sessions_total = registry.counter(
             "talkstream_sessions_started_total", "Live sessions started."
@@ -204,6 +228,11 @@ class SessionManager:
     def _offer_sdp(self, sdp: str) -> str:
         return keep_loopback_candidates(sdp) if self.cfg.ice_loopback_only else sdp
 
+    def _add_video(self, pc: RTCPeerConnection, stream: AvatarStream) -> None:
+        sender = pc.addTrack(AvatarVideoTrack(stream))
+        if self.cfg.steady_video_bitrate:
+            hold_video_bitrate(sender)
+
     def _answer(self, pc: RTCPeerConnection) -> RTCSessionDescription:
         desc = pc.localDescription
         sdp = without_remb(desc.sdp) if self.cfg.steady_video_bitrate else desc.sdp
@@ -230,7 +259,7 @@ class SessionManager:
             self._watch(peer)
             await pc.setRemoteDescription(RTCSessionDescription(self._offer_sdp(sdp), "offer"))
             pc.addTrack(AvatarAudioTrack(stream))
-            pc.addTrack(AvatarVideoTrack(stream))
+            self._add_video(pc, stream)
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
             stream.start()
@@ -275,7 +304,10 @@ class SessionManager:
             raise
         except Exception:
             log.exception("peer %s: microphone input failed", peer.id)
-            asyncio.create_task(self.close_peer(peer, "error"))
+            task = asyncio.create_task(self.close_peer(peer, "error"))
+            # Held until done: the loop keeps only weak references to tasks.
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def close_peer(self, peer: Peer, reason: str) -> None:
         """Close a peer connection and, for a live session, its stream. Idempotent."""
@@ -383,7 +415,7 @@ class SessionManager:
             kinds = {t.kind for t in pc.getTransceivers()}
             if "audio" in kinds:
                 pc.addTrack(AvatarAudioTrack(pres.stream))
-            pc.addTrack(AvatarVideoTrack(pres.stream))
+            self._add_video(pc, pres.stream)
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except BaseException:

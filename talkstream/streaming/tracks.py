@@ -74,12 +74,10 @@ def audio_frame_to_mono(frame: AudioFrame) -> np.ndarray:
     """Mono float32 samples of a decoded audio frame, any sample format and layout."""
     arr = frame.to_ndarray()
     channels = len(frame.layout.channels)
-    if frame.format.is_planar:
-        pcm = arr.T  # (n, ch)
-    else:
-        pcm = arr.reshape(-1, channels)  # interleaved (1, n*ch) -> (n, ch)
-    if pcm.dtype not in (np.int16, np.int32, np.float32, np.float64):
-        pcm = pcm.astype(np.float32) / float(np.iinfo(pcm.dtype).max)
+    # Planar frames are (ch, n); interleaved ones (1, n * ch). Either way: (n, ch).
+    pcm = arr.T if frame.format.is_planar else arr.reshape(-1, channels)
+    if pcm.dtype == np.uint8:  # unsigned 8-bit PCM is centred on 128
+        pcm = (pcm.astype(np.float32) - 128.0) / 128.0
     return to_mono_float32(np.ascontiguousarray(pcm))
 
 
@@ -174,7 +172,7 @@ class AvatarStream:
         h, w = avatar.image.shape[:2]
         self._even_hw = (h - h % 2, w - w % 2)  # yuv420p wants even sizes
         self._rendered: deque[Frame] = deque(maxlen=MAX_RENDERED_FRAMES)
-        self._display_cache: tuple[int, VideoFrame] | None = None
+        self._display_cache: tuple[int, np.ndarray] | None = None
         self._last_fresh_pts = -1
         self._last_display_t: float | None = None
         self.last_input_at = now()
@@ -285,6 +283,7 @@ class AvatarStream:
         self.stats.input_s += n / OUT_RATE_HZ
         if self.metrics is not None:
             self.metrics.input_audio.inc(n / OUT_RATE_HZ)
+        first = self._src_offset is None
         if self._src_offset is None:
             # First input: it ends now. The timeline up to here was idle silence.
             due = math.floor(self.clock.input_position(now)) - n
@@ -308,7 +307,8 @@ class AvatarStream:
         if pos > self.written:
             # Lost packets: silence in their place keeps timestamps and sync.
             gap = pos - self.written
-            self._count_filled(gap)
+            if not first:  # before the first input, silence is just the idle avatar
+                self._count_filled(gap)
             self._write_silence(gap)
         if _rms(pcm) > SPEECH_RMS:
             self.stats.speech_s += n / OUT_RATE_HZ
@@ -387,6 +387,7 @@ class AvatarStream:
     def _top_up(self) -> None:
         """Bring the timeline up to the clock: silence for late live input, queued speech
         (or silence) for a presenter."""
+        self._sync_skipped()
         target = self.clock.input_position()
         if self.mode == "live":
             fill_to = math.floor(target - self.cfg.jitter_budget_ms / 1000 * OUT_RATE_HZ)
@@ -415,8 +416,14 @@ class AvatarStream:
         eta = self.clock.now() + self.stats.render_ms_ema / 1000
         return self.clock.first_live_frame(eta)
 
+    def _sync_skipped(self) -> None:
+        skipped = self.session.frames_skipped - self.stats.frames_skipped
+        if skipped:
+            self.stats.frames_skipped += skipped
+            if self.metrics is not None:
+                self.metrics.frames_skipped.inc(skipped)
+
     async def _render_loop(self) -> None:
-        skipped_before = 0
         try:
             async for frame in self.session.frames(skip_before=self._first_worth_rendering):
                 now = self.clock.now()
@@ -426,12 +433,9 @@ class AvatarStream:
                 slack_s = self.clock.frame_time(frame.pts) - now
                 st.render_ms_ema += 0.1 * (render_s * 1000 - st.render_ms_ema)
                 st.slack_ms_ema += 0.1 * (slack_s * 1000 - st.slack_ms_ema)
-                skipped = self.session.frames_skipped - skipped_before
-                skipped_before = self.session.frames_skipped
-                st.frames_skipped += skipped
+                self._sync_skipped()
                 if self.metrics is not None:
                     self.metrics.frames_rendered.inc()
-                    self.metrics.frames_skipped.inc(skipped)
                     self.metrics.render_seconds.observe(render_s)
                     self.metrics.slack_seconds.observe(slack_s)
                 prev = self._last_landmarks
@@ -448,13 +452,22 @@ class AvatarStream:
     # -- output -------------------------------------------------------------------------------
 
     def video_frame(self, index: int) -> VideoFrame:
-        """The video frame to show as frame ``index``: the newest rendered one up to it.
+        """A new video frame to show as frame ``index``: the newest rendered one up to it.
 
-        Shared by every viewer of the stream (one conversion per displayed frame).
+        Each viewer gets its own ``VideoFrame`` (encoders run in worker threads, and a PyAV
+        frame caches a scaler that must not be shared between threads), but the colour
+        conversion to yuv420p is done once per displayed index and shared.
         """
         cache = self._display_cache
-        if cache is not None and cache[0] == index:
-            return cache[1]
+        if cache is None or cache[0] != index:
+            cache = (index, self._display_yuv(index))
+            self._display_cache = cache
+        vf = VideoFrame.from_ndarray(cache[1], format="yuv420p")
+        vf.pts = self.clock.video_pts(index)
+        vf.time_base = VIDEO_TIME_BASE
+        return vf
+
+    def _display_yuv(self, index: int) -> np.ndarray:
         frames = self._rendered
         # Frames older than the newest one that is due are never shown again.
         while len(frames) >= 2 and frames[1].pts <= index:
@@ -479,11 +492,9 @@ class AvatarStream:
             if self.metrics is not None:
                 self.metrics.frames_repeated.inc()
         h, w = self._even_hw
-        vf = VideoFrame.from_ndarray(np.ascontiguousarray(image[:h, :w]), format="rgb24")
-        vf.pts = self.clock.video_pts(index)
-        vf.time_base = VIDEO_TIME_BASE
-        self._display_cache = (index, vf)
-        return vf
+        rgb = VideoFrame.from_ndarray(np.ascontiguousarray(image[:h, :w]), format="rgb24")
+        yuv: np.ndarray = rgb.reformat(format="yuv420p").to_ndarray()  # (3H/2, W) uint8
+        return yuv
 
     def snapshot(self) -> dict[str, object]:
         """Stats and budget, JSON-ready (``/sessions/{id}/stats`` and the web client)."""
@@ -505,12 +516,13 @@ class AvatarStream:
             "clock_slew_ms": round(self.clock.slewed_s * 1000, 2),
         }
 
-
     def trace(self) -> dict[str, object]:
         """The stream's traces, in media seconds: landmark motion per rendered frame, input
         RMS per chunk (written position), and the latency budget."""
         return {
-            "motion": [(pts * SAMPLES_PER_FRAME_48K / OUT_RATE_HZ, m) for pts, m in self.motion_trace],
+            "motion": [
+                (pts * SAMPLES_PER_FRAME_48K / OUT_RATE_HZ, m) for pts, m in self.motion_trace
+            ],
             "input": [(pos / OUT_RATE_HZ, rms) for pos, rms in self.input_trace],
             "budget_s": self.budget,
             "clock_slew_s": self.clock.slewed_s,

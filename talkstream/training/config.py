@@ -187,7 +187,9 @@ class TrainConfig:
                 f"{self.distill.student_init!r}"
             )
         if self.distill.teacher_steps < 1:
-            raise ValueError(f"distill.teacher_steps must be >= 1, got {self.distill.teacher_steps}")
+            raise ValueError(
+                f"distill.teacher_steps must be >= 1, got {self.distill.teacher_steps}"
+            )
 
     def stage(self, name: str) -> StageConfig:
         """The settings of stage ``name``."""
@@ -262,9 +264,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ValueError(
             f"{where or 'config'}: unknown keys {unknown}; expected some of {sorted(known)}"
         )
-    kwargs = {
-        k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()
-    }
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -287,7 +287,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(v) for v in x]
         return x
 
-    return plain(dataclasses.asdict(cfg))  # type: ignore[no-any-return]
+    out: dict[str, Any] = plain(dataclasses.asdict(cfg))
+    return out
 
 
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -333,7 +334,9 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     try:
         data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"training config {p} is not valid {p.suffix[1:] or 'JSON'}: {e}") from None
+        raise ValueError(
+            f"training config {p} is not valid {p.suffix[1:] or 'JSON'}: {e}"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"training config {p}: the top level must be an object")
     data.pop("_comment", None)  # JSON has no comments: configs may carry a "_comment" string

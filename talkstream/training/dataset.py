@@ -93,7 +93,10 @@ class FrameBatch:
 
 def to_image_tensor(images: np.ndarray) -> torch.Tensor:
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    arr = np.ascontiguousarray(images)
+    if not arr.flags.writeable:  # e.g. a PIL-backed reference; torch wants writable memory
+        arr = arr.copy()
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 
@@ -153,6 +156,12 @@ class TrainData:
 
     # -- batches -------------------------------------------------------------------------------
 
+    def _frames(self, clip: int) -> np.ndarray:
+        frames = self.clips[clip].frames
+        if frames is None:
+            raise ValueError(f"clip {self.clips[clip].name} was loaded without frames")
+        return frames
+
     def _windows(
         self,
         clip: TrainClip,
@@ -208,8 +217,10 @@ class TrainData:
         if not self.has_frames:
             raise ValueError("this dataset was loaded without frames")
         clips, frames = picks if picks is not None else self.sample_frames(rng, n)
-        x0 = np.stack([self.clips[int(c)].frames[int(t)] for c, t in zip(clips, frames, strict=True)])  # type: ignore[index]
-        lm = np.stack([self.clips[int(c)].landmarks[int(t)] for c, t in zip(clips, frames, strict=True)])
+        x0 = np.stack([self._frames(int(c))[int(t)] for c, t in zip(clips, frames, strict=True)])
+        lm = np.stack(
+            [self.clips[int(c)].landmarks[int(t)] for c, t in zip(clips, frames, strict=True)]
+        )
         ref_ids = np.array([self.clips[int(c)].ref for c in clips])
         uniq, inverse = np.unique(ref_ids, return_inverse=True)
         batch = FrameBatch(

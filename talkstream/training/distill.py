@@ -34,8 +34,8 @@ from talkstream.engine.denoiser import ReferenceFeatures, TalkFormerDenoiser
 from talkstream.engine.sampler import FewStepSampler, NoiseSchedule
 from talkstream.training.config import DistillStageConfig
 from talkstream.training.dataset import TrainData
-from talkstream.training.losses import image_loss, mouth_weight_map
 from talkstream.training.loop import StageContext, StepRandom
+from talkstream.training.losses import image_loss, mouth_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,9 @@ def distill_inputs(
         steps = int(rnd.shared.choice(np.asarray(cfg.student_steps)))
         if pool is not None:
             idx = rnd.data.integers(0, len(pool), size=local_batch)
-            batch = data.frame_batch(rnd.data, local_batch, picks=(pool.clip_index[idx], pool.frame_index[idx]))
+            batch = data.frame_batch(
+                rnd.data, local_batch, picks=(pool.clip_index[idx], pool.frame_index[idx])
+            )
             noise = pool.noise[torch.from_numpy(idx)]
             teacher_out: Tensor | None = pool.teacher_out[torch.from_numpy(idx)].float().to(device)
         else:

@@ -45,7 +45,7 @@ from talkstream.training.distill import DDIMSampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "format_table", "psnr", "pearson"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "format_table", "pearson", "psnr"]
 
 _LIPS = np.arange(48, 68)
 _MOTION = np.asarray(MOTION_POINTS)
@@ -125,7 +125,9 @@ def _mouth_box(neutral_px: np.ndarray, size: int) -> tuple[slice, slice]:
     return slice(y0, y1), slice(x0, x1)
 
 
-def _speech_mask(times: np.ndarray, starts: np.ndarray, ends: np.ndarray, names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _speech_mask(
+    times: np.ndarray, starts: np.ndarray, ends: np.ndarray, names: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(is_speech, is_silence) per frame time from phoneme intervals (pauses start with '_')."""
     voiced = np.array([not str(n).startswith("_") for n in names], dtype=bool)
     s, e = starts[voiced], ends[voiced]
@@ -324,27 +326,40 @@ def evaluate(cfg: EvalConfig, detector: LandmarkDetector | None = None) -> EvalR
     schedule = NoiseSchedule(models.sampler)
     for k in cfg.student_steps:
         sampler = FewStepSampler(schedule, k)
-        frames = _render(sampler.sample, models.denoiser, reference, lm_gt, cfg.seed, cfg.batch, device)
+        frames = _render(
+            sampler.sample, models.denoiser, reference, lm_gt, cfg.seed, cfg.batch, device
+        )
         image_metrics(f"student_{k}step", frames)
     if teacher is not None:
         tsampler = DDIMSampler(NoiseSchedule(teacher.sampler), cfg.teacher_steps)
-        frames = _render(tsampler.sample, teacher.denoiser, reference, lm_gt, cfg.seed, cfg.batch, device)
+        frames = _render(
+            tsampler.sample, teacher.denoiser, reference, lm_gt, cfg.seed, cfg.batch, device
+        )
         image_metrics(f"teacher_{cfg.teacher_steps}step", frames)
         best = max(metrics[f"psnr_student_{k}step"] for k in cfg.student_steps)
-        metrics["student_minus_teacher_psnr_db"] = best - metrics[
-            f"psnr_teacher_{cfg.teacher_steps}step"
-        ]
+        metrics["student_minus_teacher_psnr_db"] = (
+            best - metrics[f"psnr_teacher_{cfg.teacher_steps}step"]
+        )
 
     # -- the full audio path: motion -> landmarks (+ idle) -> student, 1st step count ----------
     lm_e2e = np.concatenate(
         [
-            pred_speech[i][:n] + crop_px_to_norm(clips[i].landmarks[:n], size)
+            pred_speech[i][:n]
+            + crop_px_to_norm(clips[i].landmarks[:n], size)
             - crop_px_to_norm(clips[i].speech[:n], size)
             for i, n in sel
         ]
     ).astype(np.float32)
     k0 = cfg.student_steps[0]
-    e2e = _render(FewStepSampler(schedule, k0).sample, models.denoiser, reference, lm_e2e, cfg.seed, cfg.batch, device)
+    e2e = _render(
+        FewStepSampler(schedule, k0).sample,
+        models.denoiser,
+        reference,
+        lm_e2e,
+        cfg.seed,
+        cfg.batch,
+        device,
+    )
     image_metrics(f"e2e_{k0}step", e2e)
 
     mask = face_mask(neutral_px, size, 0.08) > 0.5

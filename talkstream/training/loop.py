@@ -249,10 +249,10 @@ def load_state(
 
 @torch.no_grad()
 def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), live.parameters(), strict=True):
-        e.lerp_(p.detach(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), live.buffers(), strict=True):
-        e.copy_(b)
+    for ep, p in zip(ema.parameters(), live.parameters(), strict=True):
+        ep.lerp_(p.detach(), 1.0 - decay)
+    for eb, b in zip(ema.buffers(), live.buffers(), strict=True):
+        eb.copy_(b)
 
 
 InputsFn = Callable[[int, StepRandom], tuple[tuple[Any, ...], dict[str, Any]]]

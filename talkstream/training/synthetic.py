@@ -9,15 +9,29 @@ offline from one photo:
   (:mod:`talkstream.training.visemes`), plus blinks and a slight head sway from
   :class:`talkstream.engine.idle.IdleMotion` (the same idle motion the engine adds live);
 * frames: the avatar's aligned reference crop warped piecewise-affinely onto each frame's
-  landmarks (a Delaunay mesh of the 68 points and fixed crop-border points, with the lip and
-  eye outlines forced into the mesh), with a drawn mouth interior (cavity, teeth, tongue).
+  landmarks (a Delaunay mesh of the 68 points, head-fixed anchors on the cheeks and around the
+  jaw, and fixed crop-border points, with the lip and eye outlines forced into the mesh), with
+  a drawn mouth interior (cavity, teeth, tongue).
 
 Everything is deterministic per seed. ``build_corpus`` writes::
 
     OUT/manifest.json          clip list, splits, settings (format "talkstream.corpus" v1)
     OUT/reference.png          the aligned reference crop (S x S RGB)
     OUT/clips/NNNNN.wav        16 kHz mono 16-bit PCM
-    OUT/clips/NNNNN.npz        compressed numpy arrays (no pickled objects); see read_clip
+    OUT/clips/NNNNN.npz        compressed numpy arrays (no pickled objects), below
+
+Arrays of a clip's ``.npz`` (T frames, crop pixels, times in seconds on the WAV's timeline):
+
+    frames_delta      (T, S, S, 3) uint8   frames, temporally differenced (decode_frames)
+    landmarks         (T, 68, 2) float32   what each frame shows (speech + blinks + sway)
+    speech_landmarks  (T, 68, 2) float32   neutral + speech motion only (AudioToMotion target)
+    params            (T, 5) float32       mouth parameters, columns param_names
+    blink             (T,) float32         0 open .. 1 shut
+    frame_time_s      (T,) float32         the instant frame i shows: (i + 0.5) * 40 ms
+    phoneme           (N,) <U8             espeak mnemonics, with phoneme_start_s/_end_s (N,)
+    phoneme_viseme    (N,) int16           first viseme of each phoneme (index in viseme_names)
+    word, word_start_s (M,)                words and their start times
+    spec, generator   0-d str              the ClipSpec as JSON; generator version + avatar key
 
 Frames are stored losslessly in the ``.npz`` rather than as an mp4: the corpus frames are the
 denoiser's targets and the reference for PSNR/SSIM, so a lossy codec would put its artefacts
@@ -92,6 +106,9 @@ __all__ = [
 
 CORPUS_FORMAT: Final = "talkstream.corpus"
 CORPUS_VERSION: Final = 1
+# Bump when the speech, motion or rendering of a clip changes for the same spec: clips written by
+# an older generator are then rebuilt instead of reused.
+GENERATOR_VERSION: Final = 1
 FRAME_MS: Final = 1000 // FPS  # 40 ms
 _SENTENCES_ASSET: Final = "corpus_sentences.txt"
 
@@ -229,6 +246,40 @@ _CONSTRAINED_EDGES: Final = (
 _RIGID: Final = np.array([27, 28, 29, 30, 31, 33, 35, 36, 39, 42, 45])
 
 
+_OUTER_JAW: Final = (1, 3, 5, 7, 8, 9, 11, 13, 15)
+
+
+def _head_anchors(neutral: np.ndarray, size: int) -> np.ndarray:
+    """Extra mesh points that move with the head but not with the jaw, (K, 2).
+
+    Four on the cheekbones (below each eye, beside each nostril): without them Delaunay joins
+    the jaw line straight to the eyes and the nose, and an opening jaw drags the lower eyelids
+    along. A ring just outside the jaw line (neck, background beside the face): there the
+    skin beyond the jaw absorbs the jaw's motion, instead of the whole region down to the crop
+    border (which would bend the background).
+    """
+    nl = np.asarray(neutral, dtype=np.float64)
+    cheeks = np.stack(
+        [
+            0.5 * (nl[41] + nl[2]),  # below the right eye (image left)
+            0.5 * (nl[46] + nl[14]),  # below the left eye
+            0.5 * (nl[31] + nl[3]),  # beside the right nostril
+            0.5 * (nl[35] + nl[13]),  # beside the left nostril
+        ]
+    )
+    jaw = nl[list(_OUTER_JAW)]
+    # Pushed away from the nose tip, but kept inside the crop (and off the border points).
+    ring = np.clip(jaw + 0.25 * (jaw - nl[30]), 2.0, size - 3.0)
+    pts = np.concatenate([cheeks, ring])
+    # Drop points that crowd another anchor or a landmark (thin, fragile triangles).
+    keep: list[int] = []
+    for i, p in enumerate(pts):
+        others = np.concatenate([nl, pts[keep]]) if keep else nl
+        if np.hypot(*(others - p).T).min() >= 3.0:
+            keep.append(i)
+    return pts[keep]
+
+
 def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (2, 3) with ``dst ~= A[:, :2] @ src + A[:, 2]`` (Umeyama)."""
     ms, md = src.mean(axis=0), dst.mean(axis=0)
@@ -307,7 +358,8 @@ class FrameRenderer:
         self.neutral = nl
         self._ref_flat = ref.reshape(-1, 3).astype(np.float32)  # (S*S, 3)
         self._border = _border_points(self.size)  # (B, 2)
-        self._src = np.concatenate([nl, self._border])  # (68 + B, 2)
+        self._anchors = _head_anchors(nl, self.size)  # (K, 2)
+        self._src = np.concatenate([nl, self._anchors, self._border])  # (68 + K + B, 2)
         self.triangles = constrained_triangulation(self._src, _CONSTRAINED_EDGES)  # (M, 3)
         self.style = style if style is not None else self._measure_style()
         self._mouth_w = float(np.hypot(*(nl[54] - nl[48])))
@@ -356,7 +408,12 @@ class FrameRenderer:
         inside, and those map through the triangle's affine to the neutral mesh.
         """
         s = self.size
-        dst = np.concatenate([np.asarray(landmarks, dtype=np.float64), self._border])
+        lm = np.asarray(landmarks, dtype=np.float64)
+        # The anchors ride with the head (a similarity fitted to rigid points), so jaw motion
+        # stretches only the skin between them and the jaw line.
+        head = _similarity(self.neutral[_RIGID], lm[_RIGID])  # (2, 3) neutral -> frame
+        anchors = self._anchors @ head[:, :2].T + head[:, 2]  # (K, 2)
+        dst = np.concatenate([lm, anchors, self._border])
         d = dst[self.triangles]  # (M, 3, 2) target triangles
         sv = self._src[self.triangles]  # (M, 3, 2) the same triangles on the reference
         det = (d[:, 1, 1] - d[:, 2, 1]) * (d[:, 0, 0] - d[:, 2, 0]) + (d[:, 2, 0] - d[:, 1, 0]) * (
@@ -547,7 +604,9 @@ def synthesize_clip(
     padded with ``lead_s``/``tail_s`` of silence; frame ``i`` shows the mouth at
     ``(i + 0.5) * 40 ms`` and there is one frame per started 40 ms of audio.
     """
-    utt = synthesize(spec.text, spec.voice, spec.rate_wpm, spec.pitch)
+    # A fresh espeak process per clip: the audio is then a function of the spec alone, not of
+    # which clips this process synthesised before (a resumed build matches a fresh one).
+    utt = synthesize(spec.text, spec.voice, spec.rate_wpm, spec.pitch, fresh_process=True)
     speech = _resample_to_16k(utt)
     peak = float(np.abs(speech).max()) if speech.size else 0.0
     if peak > 0:
@@ -592,7 +651,9 @@ def synthesize_clip(
     return Clip(spec, audio, phonemes, words, params, speech_lm, landmarks, blink, frames)
 
 
-def _write_clip(clip: Clip, reference: np.ndarray, wav_path: Path, npz_path: Path) -> None:
+def _write_clip(
+    clip: Clip, reference: np.ndarray, wav_path: Path, npz_path: Path, avatar_key: str
+) -> None:
     """Write the WAV and the npz atomically (temporary names, then renames; npz last)."""
     pcm16 = np.clip(np.rint(clip.audio * 32767.0), -32768, 32767).astype(np.int16)
     tmp_wav = wav_path.with_name(wav_path.stem + ".tmp.wav")
@@ -600,6 +661,8 @@ def _write_clip(clip: Clip, reference: np.ndarray, wav_path: Path, npz_path: Pat
     names = [p.name for p in clip.phonemes]
     arrays: dict[str, np.ndarray] = {
         "spec": np.array(clip.spec.to_json()),
+        # What made the clip besides its spec: a resumed build reuses it only if both match.
+        "generator": np.array(f"{GENERATOR_VERSION}:{avatar_key}"),
         "frame_time_s": frame_times(len(clip.params)).astype(np.float32),
         "params": clip.params,
         "param_names": np.array(PARAMS),
@@ -658,8 +721,9 @@ def read_clip(npz_path: str | Path, reference: np.ndarray | None = None) -> dict
             if None, it is read from the corpus folder (two levels up).
 
     Returns:
-        A dict with the arrays named in the module docstring plus ``"frames"``
-        ((T, S, S, 3) uint8) and ``"spec"`` (the :class:`ClipSpec` fields as a dict).
+        A dict with the arrays listed in the module docstring, with ``"frames_delta"``
+        decoded to ``"frames"`` ((T, S, S, 3) uint8) and ``"spec"`` parsed into a dict of the
+        :class:`ClipSpec` fields.
     """
     p = Path(npz_path)
     with np.load(p, allow_pickle=False) as z:
@@ -765,13 +829,20 @@ def _plan_clip(
     )
 
 
-def _existing_clip(npz_path: Path, wav_path: Path, spec: ClipSpec) -> dict[str, Any] | None:
+def _existing_clip(
+    npz_path: Path, wav_path: Path, spec: ClipSpec, avatar_key: str
+) -> dict[str, Any] | None:
     """Facts about an already written clip with this exact spec, or None."""
     if not (npz_path.is_file() and wav_path.is_file()):
         return None
     try:
         with np.load(npz_path, allow_pickle=False) as z:
             if str(z["spec"]) != spec.to_json():
+                return None
+            if (
+                "generator" not in z.files
+                or str(z["generator"]) != f"{GENERATOR_VERSION}:{avatar_key}"
+            ):
                 return None
             n_frames = int(z["params"].shape[0])
         n_samples = int(sf.info(str(wav_path)).frames)
@@ -864,10 +935,10 @@ def build_corpus(
             spec = _plan_clip(k, split, sentence, variants[split], cfg, seed)
             wav_path = clip_dir / f"{spec.clip_id}.wav"
             npz_path = clip_dir / f"{spec.clip_id}.npz"
-            facts = _existing_clip(npz_path, wav_path, spec)
+            facts = _existing_clip(npz_path, wav_path, spec, avatar.key)
             if facts is None:
                 clip = synthesize_clip(spec, geometry, renderer)
-                _write_clip(clip, crop, wav_path, npz_path)
+                _write_clip(clip, crop, wav_path, npz_path, avatar.key)
                 facts = {"n_samples": len(clip.audio), "n_frames": len(clip.params)}
             else:
                 reused += 1

@@ -56,8 +56,8 @@ from talkstream.training.distill import (
     distill_inputs,
     select_reference,
 )
-from talkstream.training.losses import image_loss, motion_loss, mouth_weight_map
 from talkstream.training.loop import DistInfo, StageContext, StepRandom, run_stage
+from talkstream.training.losses import image_loss, motion_loss, mouth_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ def initial_nets(cfg: TrainConfig) -> Nets:
             log.warning("motion_arch/denoiser_arch are ignored: the init checkpoint fixes them")
         teacher_dir = init / TEACHER_DIR
         has_teacher = (teacher_dir / "config.json").is_file()
-        teacher = load_checkpoint(teacher_dir).denoiser if has_teacher else copy.deepcopy(
-            models.denoiser
+        teacher = (
+            load_checkpoint(teacher_dir).denoiser if has_teacher else copy.deepcopy(models.denoiser)
         )
         return Nets(
             motion=models.motion,
@@ -322,9 +322,7 @@ def _stage_done(run_dir: Path, stage: str) -> bool:
     return (_stage_dir(run_dir, stage) / "stage.json").is_file()
 
 
-def _finish_stage(
-    ctx: StageContext, stage: str, models: Models, summary: dict[str, Any]
-) -> None:
+def _finish_stage(ctx: StageContext, stage: str, models: Models, summary: dict[str, Any]) -> None:
     if ctx.dist.is_main:
         d = _stage_dir(ctx.run_dir, stage)
         save_checkpoint(d, models)
@@ -384,7 +382,9 @@ def _run_teacher(
         return args, {}
 
     groups = [{"params": list(nets.teacher.parameters()), "lr": st.lr}]
-    summary = run_stage(ctx, "teacher", st, task, groups, {"denoiser": nets.teacher}, make, st.batch)
+    summary = run_stage(
+        ctx, "teacher", st, task, groups, {"denoiser": nets.teacher}, make, st.batch
+    )
     nets.teacher_trained = True
     return summary
 
@@ -477,6 +477,7 @@ class TrainResult:
     exported: Path | None
     stages: dict[str, dict[str, Any]]  # per stage run now: steps, last losses, wall time
     wall_s: float
+    nets: Nets  # the networks as this process holds them at the end
 
 
 # Settings that decide what the saved state means: a resumed run must not change them.
@@ -508,8 +509,10 @@ def _data_summary(cfg: TrainConfig, data: TrainData | None) -> dict[str, Any]:
             "path": str(corpus),
             "seed": m.get("seed"),
             "duration_s": m.get("duration_s"),
-            "splits": {k: {"clips": v["clips"], "duration_s": v["duration_s"]}
-                       for k, v in m.get("splits", {}).items()},
+            "splits": {
+                k: {"clips": v["clips"], "duration_s": v["duration_s"]}
+                for k, v in m.get("splits", {}).items()
+            },
             "image": cfg.data.build.image if cfg.data.build and cfg.data.corpus is None else None,
         }
     if cfg.data.videos is not None:
@@ -606,7 +609,7 @@ def _train(
             exported = Path(cfg.export)
             _export(exported, nets, meta)
     dist.barrier()
-    return TrainResult(run_dir, final, exported, summaries, time.perf_counter() - t0)
+    return TrainResult(run_dir, final, exported, summaries, time.perf_counter() - t0, nets)
 
 
 def _final_meta(

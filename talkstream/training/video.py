@@ -223,9 +223,7 @@ def _inner_gap(lm: np.ndarray) -> np.ndarray:
     return np.sqrt((d**2).sum(-1)).mean(-1)  # (...,)
 
 
-def _detect(
-    detector: LandmarkDetector, rgb: np.ndarray, max_side: int
-) -> np.ndarray | None:
+def _detect(detector: LandmarkDetector, rgb: np.ndarray, max_side: int) -> np.ndarray | None:
     """Landmarks of the largest face, in ``rgb``'s pixels, or None."""
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))
@@ -296,10 +294,14 @@ def preprocess_video(
 
     # Reference: mouth closed, head pose near the median.
     med_rigid = np.median(lm_crop[:, RIGID_POINTS], axis=0)  # (11, 2)
-    aligned = np.stack([apply_affine(fit_similarity(p[RIGID_POINTS], med_rigid), p) for p in lm_crop])
+    aligned = np.stack(
+        [apply_affine(fit_similarity(p[RIGID_POINTS], med_rigid), p) for p in lm_crop]
+    )
     gap = _inner_gap(aligned)
     pose = np.abs(lm_crop[:, RIGID_POINTS] - med_rigid).mean(axis=(1, 2))
-    score = gap / max(float(np.median(gap)), 1e-3) + pose / max(float(np.median(pose)), 1e-3)
+    # Both in crop pixels: a pixel of head-pose difference costs as much as a pixel of mouth
+    # opening (normalising each by its own spread would let detector noise win on a still head).
+    score = gap + pose
     score[~found] = np.inf
     r = int(np.argmin(score))
     neutral = lm_crop[r]
@@ -308,7 +310,9 @@ def preprocess_video(
     )
     audio = audio[: n * SAMPLES_PER_FRAME]
     if len(audio) < (n - 1) * SAMPLES_PER_FRAME + 1:  # video longer than its audio: pad
-        audio = np.concatenate([audio, np.zeros((n - 1) * SAMPLES_PER_FRAME + 1 - len(audio), np.float32)])
+        audio = np.concatenate(
+            [audio, np.zeros((n - 1) * SAMPLES_PER_FRAME + 1 - len(audio), np.float32)]
+        )
     assert frames_for_samples(len(audio)) == n
     return {
         "audio": audio,
@@ -426,9 +430,9 @@ def preprocess_videos(
         _write_manifest(manifest_path, cfg, entries)
     bar.close()
     # Every video held out (tiny folders): train on them all rather than on nothing.
-    if entries and all(e["split"] == "heldout" for e in entries):
-        for e in entries:
-            e["split"] = "train"
+    if entries and all(entry["split"] == "heldout" for entry in entries):
+        for entry in entries:
+            entry["split"] = "train"
     _write_manifest(manifest_path, cfg, entries)
     return VideoCacheResult(cache, len(entries), reused, skipped, time.perf_counter() - t0)
 

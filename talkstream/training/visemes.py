@@ -74,7 +74,7 @@ class Viseme:
 # schwa and /h/ are weak and take their shape from the neighbours.
 VISEMES: Final[tuple[Viseme, ...]] = (
     Viseme("rest", (0.0, 0.0, 0.0, 0.0, 0.0), (0.8, 0.8, 0.8, 0.8, 0.8)),
-    Viseme("PBM", (0.05, 0.0, 0.0, -0.3, 1.0), (1.5, 0.4, 0.4, 3.0, 20.0), 0.6),
+    Viseme("PBM", (0.05, 0.0, 0.0, -0.3, 1.0), (3.0, 0.4, 0.4, 3.0, 20.0), 0.6),
     Viseme("FV", (0.1, 0.05, 0.0, 0.3, 0.7), (1.5, 0.4, 0.4, 3.0, 10.0), 0.6),
     Viseme("TH", (0.22, 0.1, 0.0, 0.15, 0.1), (2.0, 0.5, 0.4, 1.0, 1.0), 0.8),
     Viseme("TDNL", (0.22, 0.1, 0.0, 0.05, 0.0), (1.0, 0.3, 0.2, 0.5, 1.0)),
@@ -228,7 +228,7 @@ def viseme_trajectory(
     articulation: float = 1.0,
     anticipation_s: float = 0.05,
     carryover_s: float = 0.04,
-    smoothing_s: float = 0.012,
+    smoothing_s: float = 0.018,
     resolution_s: float = 0.002,
 ) -> np.ndarray:
     """Mouth parameters at ``times_s`` from timed visemes, with coarticulation.
@@ -314,8 +314,8 @@ _LIPS: Final = np.arange(48, 68)
 _JAW: Final = np.arange(0, 17)
 
 # Amplitudes, as fractions of the eye-to-mouth distance H (41 px in a 128 crop) or of the mouth
-# width W. Chosen by eye on the default face; a wide /a/ opens the lips by about 0.3 W.
-JAW_DROP_H: Final = 0.28  # chin drop at jaw = 1
+# width W. Chosen by eye on the default face; a wide /a/ opens the lips about 0.17 W beyond rest.
+JAW_DROP_H: Final = 0.22  # chin drop at jaw = 1
 UPPER_LIP_H: Final = 0.07  # upper-lip raise at upper_lip = 1
 LIP_PRESS_H: Final = 0.04  # how far past contact a closure pushes (lips compress)
 SPREAD_W: Final = 0.12  # corner displacement per unit spread, each side
@@ -423,7 +423,7 @@ def params_to_landmarks(geometry: MouthGeometry, params: np.ndarray) -> np.ndarr
 
     # Jaw outline: hinged at the ears, so a point drops in proportion to its distance below
     # the ear line (points 0 and 16) relative to the chin (point 8).
-    ear = 0.5 * (g.local[0, 1] + g.local[16, 1])
+    ear = max(g.local[0, 1], g.local[16, 1])  # both top jaw points stay on the skull
     w = np.clip((g.local[_JAW, 1] - ear) / max(g.local[8, 1] - ear, 1e-6), 0.0, 1.0)  # (17,)
     half_face = max(0.5 * abs(g.local[16, 0] - g.local[0, 0]), 1.0)
     loc[:, _JAW, 1] = y0[:, _JAW] + drop * w[None]

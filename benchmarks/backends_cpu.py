@@ -1,0 +1,216 @@
+"""Per-frame cost of each backend on this CPU, and the whole frame through the engine.
+
+    python benchmarks/backends_cpu.py [--backends torch,onnxruntime,compiled] [--iters 200]
+                                      [--threads 2] [--json out.json]
+
+Scenarios (one per backend, ``tiny`` preset, batch 1, fp32):
+
+- ``step``: what a frame costs in the networks: motion (one window) + the one-step sampler
+  (one denoiser call), called through the backend exactly as ``Engine.render`` calls them;
+- ``frame``: ``Engine.render`` of one frame (motion, idle offsets, denoiser, paste-back into the
+  512x512 photo) plus the RGB -> I420 conversion the encoder needs.
+
+Warm-up (export, session creation, compilation) is timed on its own and never mixed into the
+samples. Reports p50/p90/p99 and fps per scenario, the speed-up of each backend's step over
+torch eager, and the checks of issue 6 (best step >= 1.5x eager, frame p50 <= 30 ms). The load
+average is printed: on a busy shared machine the numbers are not worth keeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from talkstream.config import AvatarConfig, EngineConfig
+from talkstream.engine.avatar import default_image, default_landmarks, prepare_avatar
+from talkstream.engine.checkpoint import Models
+from talkstream.engine.pipeline import Engine, Session
+from talkstream.export.backends import get_backend
+from talkstream.kernels.post import rgb_to_i420
+
+TARGET_SPEEDUP = 1.5
+TARGET_FRAME_MS = 30.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    backend: str
+    preset: str = "tiny"
+    iters: int = 200
+    warmup: int = 20
+    threads: int = 2
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    setup_s: float  # export / compile / session creation: start-up, not per frame
+    step_ms: list[float] = field(default_factory=list)
+    frame_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "backend": self.scenario.backend,
+            "setup_s": round(self.setup_s, 2),
+            "step": _stats(self.step_ms),
+            "frame": _stats(self.frame_ms),
+        }
+
+
+def _stats(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {}
+    q = np.percentile(ms, [50, 90, 99])
+    return {
+        "p50_ms": round(float(q[0]), 3),
+        "p90_ms": round(float(q[1]), 3),
+        "p99_ms": round(float(q[2]), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "fps_p50": round(1000.0 / float(q[0]), 1),
+    }
+
+
+def _time(fn: Any, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def run(sc: Scenario, cache_dir: Path) -> Result:
+    torch.set_num_threads(sc.threads)
+    cfg = EngineConfig(
+        preset=sc.preset,
+        backend=sc.backend,
+        threads=sc.threads,
+        avatar=AvatarConfig(cache_dir=cache_dir),
+    )
+    t0 = time.perf_counter()
+    engine = Engine(cfg, models=Models.random_init(sc.preset, seed=0))
+    avatar = prepare_avatar(default_image(), cfg.avatar, landmarks=default_landmarks())
+    prepared = engine.prepare(avatar)
+    setup = time.perf_counter() - t0
+    res = Result(sc, setup)
+    try:
+        # --- step: motion + one-step sampler through the backend, batch 1 ---------------------
+        mc = engine.motion.cfg
+        gen = torch.Generator().manual_seed(0)
+        windows = torch.randn(1, mc.window, mc.mel_rows, mc.n_mels, generator=gen) * 3 - 6
+        neutral = torch.from_numpy(prepared.neutral)[None].float()  # (1, 68, 2)
+        s = engine.crop_size
+        noise = torch.randn(1, 3, s, s, generator=gen)
+
+        def step() -> None:
+            with torch.inference_mode():
+                disp = engine.backend.motion(windows, neutral, None)  # (1, 37, 2)
+                target = engine.motion.apply_displacement(neutral, disp)  # (1, 68, 2)
+                engine.backend.sample(engine.sampler, noise, target, prepared.ref)
+
+        t1 = time.perf_counter()
+        step()  # first call: lazy builds (compile) land in setup, not in the samples
+        res.setup_s += time.perf_counter() - t1
+        res.step_ms = _time(step, sc.iters, sc.warmup)
+
+        # --- frame: Engine.render of one frame + I420, as a live session does ------------------
+        session = Session(engine, prepared, seed=0, max_batch=1)
+        n_frames = sc.iters + sc.warmup + 2
+        session.push_audio(_speech(n_frames), 16000)
+        i420 = np.empty((avatar.image.shape[0] * 3 // 2, avatar.image.shape[1]), np.uint8)
+
+        def frame() -> None:
+            (f,) = session.render_ready()
+            rgb_to_i420(f.image, out=i420)
+
+        res.frame_ms = _time(frame, sc.iters, sc.warmup)
+    finally:
+        engine.close()
+    return res
+
+
+def _speech(n_frames: int) -> np.ndarray:
+    # Enough voiced-looking audio for n_frames video frames (40 ms each) plus the lookahead.
+    n = (n_frames + 8) * 640
+    t = np.arange(n) / 16000
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t)
+    rng = np.random.default_rng(0)
+    sig = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(n)
+    return (env * sig).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backends", default="torch,onnxruntime", help="comma-separated")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="write all samples here")
+    a = p.parse_args(argv)
+
+    print(f"load average before: {os.getloadavg()}; torch {torch.__version__}")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.backends.split(","):
+            ok, why = get_backend(name).available("cpu", "float32")
+            if not ok:
+                print(f"skip {name}: {why}")
+                continue
+            sc = Scenario(name, iters=a.iters, warmup=a.warmup, threads=a.threads)
+            results.append(run(sc, Path(tmp)))
+            r = results[-1].summary()
+            print(
+                f"{name:12s} setup {r['setup_s']:6.1f} s | step p50 {r['step']['p50_ms']:7.2f} "
+                f"p99 {r['step']['p99_ms']:7.2f} ms | frame p50 {r['frame']['p50_ms']:7.2f} "
+                f"p99 {r['frame']['p99_ms']:7.2f} ms ({r['frame']['fps_p50']} fps)",
+                flush=True,
+            )
+    print(f"load average after: {os.getloadavg()}")
+    by_name = {r.scenario.backend: r.summary() for r in results}
+    if "torch" in by_name:
+        eager = by_name["torch"]["step"]["p50_ms"]
+        best = min(by_name, key=lambda n: by_name[n]["step"]["p50_ms"])
+        speedup = eager / by_name[best]["step"]["p50_ms"]
+        frame = by_name[best]["frame"]["p50_ms"]
+        for n, r in by_name.items():
+            print(f"  {n:12s} step speed-up over torch eager: {eager / r['step']['p50_ms']:.2f}x")
+        ok1, ok2 = speedup >= TARGET_SPEEDUP, frame <= TARGET_FRAME_MS
+        print(f"best: {best}: {speedup:.2f}x eager (target >= {TARGET_SPEEDUP}x: "
+              f"{'met' if ok1 else 'NOT met'}); frame p50 {frame:.2f} ms "
+              f"(target <= {TARGET_FRAME_MS} ms: {'met' if ok2 else 'NOT met'})")  # fmt: skip
+    if a.json is not None:
+        a.json.write_text(
+            json.dumps(
+                {
+                    "load_average_after": os.getloadavg(),
+                    "results": [
+                        {
+                            **asdict(r.scenario),
+                            **r.summary(),
+                            "step_ms": r.step_ms,
+                            "frame_ms": r.frame_ms,
+                        }
+                        for r in results
+                    ],
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

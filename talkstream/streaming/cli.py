@@ -1,0 +1,125 @@
+"""The ``talkstream serve`` subcommand (registered by :mod:`talkstream.cli`).
+
+Light at import: aiohttp and aiortc are imported only when the command runs, so ``talkstream
+--help`` works without the ``serve`` extra, and running ``serve`` without it says what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from talkstream.config import EngineConfig
+from talkstream.errors import MissingDependencyError, TalkstreamError
+
+if TYPE_CHECKING:
+    from talkstream.streaming.config import ServeConfig, StreamConfig
+
+# (module, what it is) the server needs; all come with ``pip install 'talkstream[serve]'``.
+_SERVE_MODULES = (("aiohttp", "the web server"), ("aiortc", "WebRTC"))
+
+
+def add_parser(
+    sub: argparse._SubParsersAction,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    engine_config: Callable[[argparse.Namespace], EngineConfig],
+) -> None:
+    """Register ``serve`` on the ``talkstream`` command's subparsers."""
+    p = sub.add_parser(
+        "serve",
+        help="serve the live avatar over WebRTC (open the printed address in a browser)",
+        description="Serve the live avatar: a web page where your microphone drives the "
+        "avatar, presenters that programs push speech to, /health and /metrics.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (8080; 0 picks a free one)")
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        help="avatar streams rendering at once: live sessions + presenters (4)",
+    )
+    p.add_argument(
+        "--max-viewers", type=int, default=16, help="presenter viewers, over all presenters (16)"
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="close sessions without input audio for this many seconds (60)",
+    )
+    p.add_argument(
+        "--image", type=Path, default=None, help="avatar photo; default: the bundled face"
+    )
+    p.add_argument(
+        "--landmarks",
+        type=Path,
+        default=None,
+        help="JSON with the photo's 68 iBUG landmarks, instead of detecting them",
+    )
+    p.add_argument(
+        "--compute-budget-ms",
+        type=float,
+        default=60.0,
+        help="time a frame may take to render, part of the output delay (60)",
+    )
+    p.add_argument(
+        "--jitter-budget-ms",
+        type=float,
+        default=40.0,
+        help="how late microphone audio may arrive, part of the output delay (40)",
+    )
+    p.add_argument(
+        "--ice-loopback-only",
+        action="store_true",
+        help="use only 127.0.0.1 for WebRTC (browser on this machine, started with "
+        "--allow-loopback-in-peer-connection)",
+    )
+    add_engine_args(p)
+    p.set_defaults(func=lambda a: _run(a, engine_config))
+
+
+def _check_dependencies() -> None:
+    for module, what in _SERVE_MODULES:
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(f"talkstream serve ({what})", module, "serve")
+
+
+def _run(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], EngineConfig]) -> int:
+    _check_dependencies()
+    from talkstream.streaming.config import ServeConfig, StreamConfig
+    from talkstream.streaming.server import run
+
+    try:
+        cfg = _serve_config(a, engine_config, ServeConfig, StreamConfig)
+    except ValueError as e:  # an out-of-range flag: a user error, not a bug
+        raise TalkstreamError(str(e)) from None
+    return run(cfg)
+
+
+def _serve_config(
+    a: argparse.Namespace,
+    engine_config: Callable[[argparse.Namespace], EngineConfig],
+    serve_cls: type[ServeConfig],
+    stream_cls: type[StreamConfig],
+) -> ServeConfig:
+    return serve_cls(
+        host=a.host,
+        port=a.port,
+        max_sessions=a.max_sessions,
+        max_viewers=a.max_viewers,
+        idle_timeout_s=a.idle_timeout,
+        image=a.image,
+        landmarks=a.landmarks,
+        ice_loopback_only=a.ice_loopback_only,
+        stream=stream_cls(
+            compute_budget_ms=a.compute_budget_ms, jitter_budget_ms=a.jitter_budget_ms
+        ),
+        engine=engine_config(a),
+    )
+
+
+__all__ = ["add_parser"]
