@@ -11,9 +11,11 @@ Scenarios (one per backend, ``tiny`` preset, batch 1, fp32):
   512x512 photo) plus the RGB -> I420 conversion the encoder needs.
 
 Warm-up (export, session creation, compilation) is timed on its own and never mixed into the
-samples. Reports p50/p90/p99 and fps per scenario, the speed-up of each backend's step over
-torch eager, and the checks of issue 6 (best step >= 1.5x eager, frame p50 <= 30 ms). The load
-average is printed: on a busy shared machine the numbers are not worth keeping.
+samples. Backends are timed round by round (A, B, A, B, ...) so that on a shared machine every
+backend sees the same load and the ratios stay meaningful even when the absolute numbers do
+not. Reports p50/p90/p99 and fps per scenario, the speed-up of each backend's step over torch
+eager, and the checks of issue 6 (best step >= 1.5x eager, frame p50 <= 30 ms). The load
+average is printed: on a busy shared machine the absolute numbers are not worth keeping.
 """
 
 from __future__ import annotations
@@ -81,18 +83,24 @@ def _stats(ms: list[float]) -> dict[str, float]:
     }
 
 
-def _time(fn: Any, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+def _once(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
-def run(sc: Scenario, cache_dir: Path) -> Result:
+@dataclass
+class Bench:
+    """One backend's engine, ready to time: its per-frame step and whole-frame callables."""
+
+    result: Result
+    engine: Engine
+    step: Any
+    frame: Any
+
+
+def setup(sc: Scenario, cache_dir: Path) -> Bench:
+    """Build the engine and the callables; start-up (export, compile) is timed here."""
     torch.set_num_threads(sc.threads)
     cfg = EngineConfig(
         preset=sc.preset,
@@ -104,42 +112,42 @@ def run(sc: Scenario, cache_dir: Path) -> Result:
     engine = Engine(cfg, models=Models.random_init(sc.preset, seed=0))
     avatar = prepare_avatar(default_image(), cfg.avatar, landmarks=default_landmarks())
     prepared = engine.prepare(avatar)
-    setup = time.perf_counter() - t0
-    res = Result(sc, setup)
-    try:
-        # --- step: motion + one-step sampler through the backend, batch 1 ---------------------
-        mc = engine.motion.cfg
-        gen = torch.Generator().manual_seed(0)
-        windows = torch.randn(1, mc.window, mc.mel_rows, mc.n_mels, generator=gen) * 3 - 6
-        neutral = torch.from_numpy(prepared.neutral)[None].float()  # (1, 68, 2)
-        s = engine.crop_size
-        noise = torch.randn(1, 3, s, s, generator=gen)
 
-        def step() -> None:
-            with torch.inference_mode():
-                disp = engine.backend.motion(windows, neutral, None)  # (1, 37, 2)
-                target = engine.motion.apply_displacement(neutral, disp)  # (1, 68, 2)
-                engine.backend.sample(engine.sampler, noise, target, prepared.ref)
+    # step: motion + one-step sampler through the backend, batch 1, as Engine.render calls them
+    mc = engine.motion.cfg
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randn(1, mc.window, mc.mel_rows, mc.n_mels, generator=gen) * 3 - 6
+    neutral = torch.from_numpy(prepared.neutral)[None].float()  # (1, 68, 2)
+    s = engine.crop_size
+    noise = torch.randn(1, 3, s, s, generator=gen)
 
-        t1 = time.perf_counter()
-        step()  # first call: lazy builds (compile) land in setup, not in the samples
-        res.setup_s += time.perf_counter() - t1
-        res.step_ms = _time(step, sc.iters, sc.warmup)
+    def step() -> None:
+        with torch.inference_mode():
+            disp = engine.backend.motion(windows, neutral, None)  # (1, 37, 2)
+            target = engine.motion.apply_displacement(neutral, disp)  # (1, 68, 2)
+            engine.backend.sample(engine.sampler, noise, target, prepared.ref)
 
-        # --- frame: Engine.render of one frame + I420, as a live session does ------------------
-        session = Session(engine, prepared, seed=0, max_batch=1)
-        n_frames = sc.iters + sc.warmup + 2
-        session.push_audio(_speech(n_frames), 16000)
-        i420 = np.empty((avatar.image.shape[0] * 3 // 2, avatar.image.shape[1]), np.uint8)
+    # frame: Engine.render of one frame + I420, as a live session does
+    session = Session(engine, prepared, seed=0, max_batch=1)
+    session.push_audio(_speech(sc.iters + sc.warmup + 2), 16000)
+    i420 = np.empty((avatar.image.shape[0] * 3 // 2, avatar.image.shape[1]), np.uint8)
 
-        def frame() -> None:
-            (f,) = session.render_ready()
-            rgb_to_i420(f.image, out=i420)
+    def frame() -> None:
+        (f,) = session.render_ready()
+        rgb_to_i420(f.image, out=i420)
 
-        res.frame_ms = _time(frame, sc.iters, sc.warmup)
-    finally:
-        engine.close()
-    return res
+    step()  # first call: lazy builds (compilation) belong to start-up, not to the samples
+    return Bench(Result(sc, time.perf_counter() - t0), engine, step, frame)
+
+
+def run_interleaved(benches: list[Bench], iters: int, warmup: int) -> None:
+    """Time every backend round by round (A, B, A, B, ...) so all see the same machine load."""
+    for what in ("step", "frame"):
+        for i in range(warmup + iters):
+            for b in benches:
+                ms = _once(getattr(b, what))
+                if i >= warmup:
+                    getattr(b.result, f"{what}_ms").append(ms)
 
 
 def _speech(n_frames: int) -> np.ndarray:
@@ -162,22 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     print(f"load average before: {os.getloadavg()}; torch {torch.__version__}")
-    results: list[Result] = []
+    benches: list[Bench] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in a.backends.split(","):
-            ok, why = get_backend(name).available("cpu", "float32")
-            if not ok:
-                print(f"skip {name}: {why}")
-                continue
-            sc = Scenario(name, iters=a.iters, warmup=a.warmup, threads=a.threads)
-            results.append(run(sc, Path(tmp)))
-            r = results[-1].summary()
-            print(
-                f"{name:12s} setup {r['setup_s']:6.1f} s | step p50 {r['step']['p50_ms']:7.2f} "
-                f"p99 {r['step']['p99_ms']:7.2f} ms | frame p50 {r['frame']['p50_ms']:7.2f} "
-                f"p99 {r['frame']['p99_ms']:7.2f} ms ({r['frame']['fps_p50']} fps)",
-                flush=True,
-            )
+        try:
+            for name in a.backends.split(","):
+                ok, why = get_backend(name).available("cpu", "float32")
+                if not ok:
+                    print(f"skip {name}: {why}")
+                    continue
+                sc = Scenario(name, iters=a.iters, warmup=a.warmup, threads=a.threads)
+                benches.append(setup(sc, Path(tmp)))
+                print(f"{name:12s} start-up {benches[-1].result.setup_s:6.1f} s", flush=True)
+            run_interleaved(benches, a.iters, a.warmup)
+        finally:
+            for b in benches:
+                b.engine.close()
+    results = [b.result for b in benches]
+    for res in results:
+        r = res.summary()
+        print(
+            f"{r['backend']:12s} step p50 {r['step']['p50_ms']:7.2f} p90 {r['step']['p90_ms']:7.2f}"
+            f" ms | frame p50 {r['frame']['p50_ms']:7.2f} p90 {r['frame']['p90_ms']:7.2f} ms "
+            f"({r['frame']['fps_p50']} fps)"
+        )
     print(f"load average after: {os.getloadavg()}")
     by_name = {r.scenario.backend: r.summary() for r in results}
     if "torch" in by_name:

@@ -449,7 +449,9 @@ def test_tensorrt_matches_eager(tmp_path: Path) -> None:
     gpu = micro_models()
     sampler = FewStepSampler.from_config(SamplerConfig(steps=2))
     loaded = get_backend("tensorrt").load(gpu, "cuda", cache_dir=tmp_path, sampler=sampler)
-    x = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(gpu, 2).items()}
+    x: dict[str, Any] = {
+        k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(gpu, 2).items()
+    }
     ref = ReferenceFeatures(x["ref"].patches.cuda(), tuple(r.cuda() for r in x["ref"].levels))
     with torch.inference_mode():
         got = loaded.sample(sampler, x["x_t"], x["landmarks"], ref)

@@ -327,3 +327,32 @@ def test_cli_bad_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     f.write_text(json.dumps([{"preset": "tiny", "batch": 0}]))
     assert main(["bench", "--scenario-file", str(f), "--out", str(tmp_path)]) == 2
     assert "batch must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_keep_going_records_a_failed_scenario(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from talkstream.benchmarking import runner
+
+    def broken(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise RuntimeError("inductor cache race")
+
+    monkeypatch.setattr(runner, "run_scenario", broken)
+    argv = [
+        "bench",
+        "--sessions",
+        "1,2",
+        "--e2e-seconds",
+        "0",
+        "--no-throughput",
+        "--no-plots",
+        "--out",
+        str(tmp_path),
+    ]
+    with pytest.raises(RuntimeError, match="inductor"):
+        main(argv)  # without --keep-going the first failure ends the run, traceback and all
+    assert main([*argv, "--keep-going"]) == 1
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [s["status"] for s in result["scenarios"]] == ["failed", "failed"]
+    assert "RuntimeError: inductor cache race" in result["scenarios"][0]["reason"]
+    assert "2 scenario(s) failed" in capsys.readouterr().out

@@ -46,7 +46,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 ATOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
 
 # (name, (B, H, N, M, D, Dv), kernel kwargs, q transposed view?)
-ATTENTION_CASES: list[tuple[str, tuple[int, ...], dict[str, int], bool]] = [
+ATTENTION_CASES: list[tuple[str, tuple[int, ...], dict[str, Any], bool]] = [
     ("odd", (2, 3, 37, 11, 7, 5), {"block_n": 16}, False),
     ("landmarks68", (1, 2, 45, 68, 16, 16), {"block_n": 32}, True),  # one pass over 68 keys
     ("key_blocks", (1, 1, 33, 37, 12, 9), {"block_n": 16, "block_m": 16}, False),  # online
@@ -54,7 +54,7 @@ ATTENTION_CASES: list[tuple[str, tuple[int, ...], dict[str, int], bool]] = [
 ]
 # (name, (B, C, H, W), kernel kwargs, flow scale, layout) with layout "expand" (batch-1 ref
 # expanded, stride 0: what the model passes), "contiguous" or "channels_last".
-WARP_CASES: list[tuple[str, tuple[int, ...], dict[str, int], float, str]] = [
+WARP_CASES: list[tuple[str, tuple[int, ...], dict[str, Any], float, str]] = [
     ("odd_expand", (2, 5, 7, 9), {"block_p": 16, "block_c": 4}, 0.3, "expand"),
     ("channel_tail", (1, 19, 4, 3), {"block_p": 8, "block_c": 8}, 0.3, "contiguous"),
     ("border_clamp", (1, 3, 6, 5), {"block_p": 16, "block_c": 2}, 1.5, "contiguous"),

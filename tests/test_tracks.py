@@ -67,19 +67,20 @@ def test_skip_until_skips_only_ready_frames_in_order(
     tiny_engine: Engine, default_avatar: Avatar
 ) -> None:
     s = tiny_engine.session(default_avatar)
-    s.push_audio(speechlike(16000), 16000)  # 1 s: frames 0..~21 ready (lookahead holds some)
+    s.max_batch = 2
+    s.push_audio(speechlike(8000), 16000)  # 0.5 s: frames 0..~8 ready (lookahead holds some)
     assert s.skip_until(5) == 5
     assert s.frames_skipped == 5
     assert s.skip_until(3) == 0  # never backwards
-    frames = s.render_ready()
-    assert frames[0].pts == 5
+    assert [f.pts for f in s.render_ready()] == [5, 6]
     # Frames whose audio has not arrived are not skipped.
-    assert s.skip_until(10_000) < 25
+    skipped = s.skip_until(10_000)
+    assert 0 < skipped < 13 - 7
     s.end_audio()
     rest = []
     while s.has_ready():
         rest += s.render_ready()
-    assert [f.pts for f in rest] == list(range(rest[0].pts, 25)) if rest else True
+    assert [f.pts for f in rest] == list(range(7 + skipped, 13))
 
 
 async def test_frames_skip_before(tiny_engine: Engine, default_avatar: Avatar) -> None:
@@ -269,3 +270,19 @@ async def test_tracks_pace_25fps_in_sync_and_skip_late_frames(
     assert np.abs(pcm).max() > 1000
     with pytest.raises(MediaStreamError):
         await video.recv()  # a closed stream ends its tracks
+
+
+async def test_a_slow_render_does_not_lock_the_stream_into_skipping(
+    tiny_engine: Engine, default_avatar: Avatar
+) -> None:
+    now = FakeTime(0.0)
+    st = _stream(tiny_engine, default_avatar, "presenter", now, compute_budget_ms=50)
+    st.stats.render_ms_ema = 1000.0  # one render took a second: every frame now looks late
+    now.t = 0.1
+    st._relax_render_estimate()
+    assert st.stats.render_ms_ema == 1000.0  # a short gap: the estimate stands
+    now.t = 1.0
+    for _ in range(30):  # 30 ticks without a rendered frame
+        st._relax_render_estimate()
+    assert 50.0 < st.stats.render_ms_ema < 51.0
+    await st.close()

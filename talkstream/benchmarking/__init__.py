@@ -12,5 +12,7 @@ Modules:
     throughput  concurrent 25 fps sessions per device, frames of all sessions batched
     anchors     MuseTalk- and Wav2Lip-equivalents timed beside our model
     wav2lip     the Wav2Lip-equivalent generator (architecture only, for timing)
-    report      JSON, Markdown and PNG outputs
+    render_memory  peak RSS of `talkstream render` children against clip length (--memory)
+    report      JSON, Markdown and PNG outputs, and the summary of several runs
+    cli         the command: flags -> scenarios -> the parts above -> outputs
 """

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from talkstream.errors import MissingDependencyError, TalkstreamError
+from talkstream.errors import TalkstreamError
 
 log = logging.getLogger("talkstream.bench")
 
@@ -347,11 +347,6 @@ def engine_cli_args(ns: argparse.Namespace) -> list[str]:
     return args
 
 
-def _require(module: str, what: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(what, module, "bench")
-
-
 def _command_line() -> str:
     argv = sys.argv
     if "bench" in argv:
@@ -376,8 +371,12 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
     if ns.summarize is not None:
         sys.stdout.write(summarize_dir(ns.summarize))
         return 0
-    if not ns.no_plots:
-        _require("matplotlib", "PNG plots (or pass --no-plots)")
+    plots_ok = ns.no_plots or importlib.util.find_spec("matplotlib") is not None
+    if not plots_ok:
+        log.warning(
+            "matplotlib is not installed: no PNG plots this run (the tables and JSON are "
+            "complete). Install it with: pip install 'talkstream[bench]'"
+        )
     if ns.anchors and importlib.util.find_spec("diffusers") is None:
         log.warning(
             "diffusers is not installed: the MuseTalk-equivalent anchor will be skipped "
@@ -427,11 +426,12 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
     save()
     md = report.render_markdown(result)
     (out_dir / "bench.md").write_text(md)
-    plots = [] if ns.no_plots else report.write_plots(result, out_dir)
+    plots = report.write_plots(result, out_dir) if plots_ok and not ns.no_plots else []
     sys.stdout.write("\n" + md)
     print(
         f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'bench.md'}"
         + (f" and {len(plots)} plots" if plots else "")
+        + ("" if plots_ok else " (no plots: matplotlib is not installed)")
     )
     failed = [r["name"] for r in result["scenarios"] if r["status"] == "failed"]
     if failed:

@@ -3,17 +3,18 @@
 One iteration is one tick of a live server: every session receives the audio of its next
 ``batch`` frames in 20 ms chunks, then the due frames of all sessions go through motion and the
 denoiser in one batched call, then each frame is pasted back, colour-converted and encoded.
-The stages follow ``Engine.render`` step by step (same modules, same order, same tensors), so
-that each can be timed on its own; ``Engine.render`` itself is then timed on the same inputs as
-a cross-check (``engine_render``), so a reader can see that the breakdown adds up to what the
-real path costs.
+The stages follow ``Engine.render`` step by step (the engine's own backend, same order, same
+tensors), so that each can be timed on its own; ``Engine.render`` itself is then timed on the
+same inputs as a cross-check (``engine_render``), so a reader can see that the breakdown adds up
+to what the real path costs.
 
 Stages (milliseconds per iteration, i.e. per ``sessions * batch`` frames):
 
 - ``audio``: ``Session.push_audio`` of the iteration's audio (log-mel frontend, motion rows).
 - ``motion``: token windows, AudioToMotion, displacement + idle motion.
-- ``denoise_step{i}``: the i-th denoiser call of the sampler.
-- ``to_host``: x0 to uint8 crops on the host (the device-to-host copy on a GPU).
+- ``denoise_step{i}``: the i-th denoiser call of the sampler (``denoise_steps1-N`` when the
+  backend runs the whole loop as one graph, as onnxruntime does).
+- ``to_host``: x0 to uint8 crops and landmarks on the host (the copy from a GPU).
 - ``paste_back``: the crop blended into the full frame (``kernels.post.paste_back``).
 - ``rgb_to_i420``: colour conversion for the encoder (``kernels.post.rgb_to_i420``).
 - ``encode``: libx264 (PyAV) encoding of the I420 frame, ``tune=zerolatency`` as for live video.

@@ -176,6 +176,12 @@ def _as_models(models: Models | str | Path, device: str) -> Models:
     return load_checkpoint(models, device)
 
 
+def _sampler_key(sampler: FewStepSampler) -> str:
+    # What a compiled or exported loop bakes in: its timesteps and the schedule's coefficients.
+    steps = "-".join(map(str, sampler.timesteps))
+    return f"loop{steps}-{sampler.schedule.name}{sampler.schedule.num_timesteps}"
+
+
 def _reject_ref_batch(ref: ReferenceFeatures, backend: str) -> None:
     # Exported graphs take one avatar's features (batch 1), as the engine passes them.
     if any(r.shape[0] != 1 for r in (ref.patches, *ref.levels)):
@@ -280,7 +286,7 @@ class CompiledModels(LoadedModels):
         self._motion = torch.compile(self.motion_module, **compile_kw)
         self._denoiser = torch.compile(self.denoiser_module, **compile_kw)
         self._compile_kw = compile_kw
-        self._loops: dict[tuple[int, ...], Callable[..., Tensor]] = {}
+        self._loops: dict[str, Callable[..., Tensor]] = {}
         self._lock = threading.Lock()
 
     def _call(self, fn: Callable[..., Tensor], n: int, *args: Any) -> Tensor:
@@ -312,7 +318,7 @@ class CompiledModels(LoadedModels):
         self, sampler: FewStepSampler, noise: Tensor, landmarks: Tensor, ref: ReferenceFeatures
     ) -> Tensor:
         _reject_ref_batch(ref, self.name)
-        key = (*sampler.timesteps, sampler.schedule.num_timesteps)
+        key = _sampler_key(sampler)
         with self._lock:
             loop = self._loops.get(key)
             if loop is None:
@@ -355,7 +361,7 @@ class CompiledBackend(_BaseBackend):
 # --- onnxruntime ---------------------------------------------------------------------------------
 
 
-def _onnx_fields(models: Models, graph: str, plugins: bool) -> dict[str, Any]:
+def _onnx_fields(model_hash: str, graph: str, plugins: bool) -> dict[str, Any]:
     import onnx
 
     from talkstream.export.onnx import OPSET
@@ -367,22 +373,8 @@ def _onnx_fields(models: Models, graph: str, plugins: bool) -> dict[str, Any]:
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "talkstream": __version__,
-        "model": _model_hash(models),
+        "model": model_hash,
     }
-
-
-_HASHES: dict[int, tuple[Models, str]] = {}
-
-
-def _model_hash(models: Models) -> str:
-    # Hashing the weights costs ~0.1 s (tiny) to ~1 s (base): once per Models object.
-    from talkstream.export.onnx import model_hash
-
-    hit = _HASHES.get(id(models))
-    if hit is None or hit[0] is not models:
-        hit = (models, model_hash(models.motion, models.denoiser))
-        _HASHES[id(models)] = hit
-    return hit[1]
 
 
 @dataclass
@@ -394,6 +386,16 @@ class OnnxGraphs:
     options: LoadOptions
     plugins: bool = False
     _paths: dict[str, Path] = field(default_factory=dict)
+    _hash: str | None = None
+
+    @property
+    def model_hash(self) -> str:
+        # Hashing the weights costs ~0.1 s (tiny) to ~1 s (base): once per load.
+        if self._hash is None:
+            from talkstream.export.onnx import model_hash
+
+            self._hash = model_hash(self.models.motion, self.models.denoiser)
+        return self._hash
 
     def motion(self, lookahead: int) -> tuple[Any, Path]:
         from talkstream.export import onnx as ox
@@ -429,7 +431,7 @@ class OnnxGraphs:
 
         if spec.filename in self._paths:
             return self._paths[spec.filename]
-        fields = {**_onnx_fields(self.models, spec.name, spec.plugins), **(extra or {})}
+        fields = {**_onnx_fields(self.model_hash, spec.name, spec.plugins), **(extra or {})}
         entry = self.cache.entry("onnx", spec.filename.removesuffix(".onnx"), fields)
 
         def build(tmp: Path) -> None:
@@ -496,7 +498,7 @@ class OnnxRuntimeModels(LoadedModels):
         return self._session(f"motion{la}", lambda: self.graphs.motion(la))
 
     def _loop_session(self, sampler: FewStepSampler) -> tuple[Any, Any]:
-        key = "loop" + "-".join(map(str, sampler.timesteps)) + sampler.schedule.name
+        key = _sampler_key(sampler)
         return self._session(key, lambda: self.graphs.denoiser_loop(sampler))
 
     def _run(self, sess: Any, spec: Any, inputs: Sequence[Tensor], like: Tensor) -> Tensor:

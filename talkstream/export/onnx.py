@@ -248,10 +248,13 @@ def _float_cpu(module: nn.Module) -> Any:
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     # The exporter warns about things that do not apply here (torchvision ops it skips, axis
-    # renames, deprecated pytree internals); keep the CLI's progress readable.
-    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)
+    # renames, deprecated pytree internals) and its graph optimiser logs every pass at INFO
+    # (hundreds of lines); keep the CLI's progress readable.
+    names = ("torch.onnx._internal.exporter._registration", "onnx_ir", "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -259,7 +262,8 @@ def _quiet_export() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*training mode.*")
             yield
     finally:
-        noisy.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _export(

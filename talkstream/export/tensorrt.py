@@ -42,6 +42,7 @@ from talkstream.export.backends import (
     OnnxGraphs,
     _import,
     _reject_ref_batch,
+    _sampler_key,
 )
 from talkstream.export.cache import ArtifactCache
 from talkstream.export.onnx import BATCH, GraphSpec, example_inputs
@@ -279,8 +280,7 @@ class TensorRTModels(LoadedModels):
         return self._engine(f"motion{la}", lambda: self.graphs.motion(la))
 
     def _loop_engine(self, sampler: FewStepSampler) -> TrtEngine:
-        key = "loop" + "-".join(map(str, sampler.timesteps)) + sampler.schedule.name
-        return self._engine(key, lambda: self.graphs.denoiser_loop(sampler))
+        return self._engine(_sampler_key(sampler), lambda: self.graphs.denoiser_loop(sampler))
 
     def motion(self, windows: Tensor, neutral: Tensor, lookahead: int | None = None) -> Tensor:
         la = self.models.motion.cfg.lookahead_frames if lookahead is None else lookahead

@@ -118,8 +118,9 @@ def warp_blend_reference(x: Tensor, ref: Tensor, flow: Tensor, mask: Tensor) -> 
 # --- Triton kernel ------------------------------------------------------------------------------
 
 if triton is not None:
-
-    @triton.jit
+    # H and W are used as floats below; Triton would otherwise turn a size of 1 into a
+    # compile-time constant that has no .to().
+    @triton.jit(do_not_specialize=["H", "W"])
     def _warp_blend_kernel(
         x_ptr, ref_ptr, flow_ptr, mask_ptr, out_ptr,
         C, H, W,

@@ -23,6 +23,9 @@ class StreamConfig:
 
     # Live input may arrive this late (network jitter, 20 ms packets) before silence stands in.
     jitter_budget_ms: float = 40.0
+    # Packets aiortc's audio receiver holds before decoding (its own default is 4 = 80 ms);
+    # the stream tolerates late input itself (jitter budget, silence fill).
+    input_prefetch_packets: int = 1
     # Time a frame may take to render (queueing in the shared worker included).
     compute_budget_ms: float = 60.0
     # Frames rendered per engine call for one stream: small, since every frame has a deadline.
@@ -41,6 +44,10 @@ class StreamConfig:
         for name in ("jitter_budget_ms", "compute_budget_ms", "presenter_lead_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.input_prefetch_packets <= 8:
+            raise ValueError(
+                f"input_prefetch_packets must be in 0..8, got {self.input_prefetch_packets}"
+            )
         if self.render_batch < 1:
             raise ValueError(f"render_batch must be >= 1, got {self.render_batch}")
         if not self.replay_buffer_s >= 1.0:

@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
 
@@ -91,6 +97,26 @@ def hold_video_bitrate(sender: RTCRtpSender) -> None:
         await original(packet)
 
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+def shorten_audio_prefetch(receiver: RTCRtpReceiver, packets: int) -> bool:
+    """Let an aiortc audio receiver hand over each packet after ``packets`` more arrived.
+
+    aiortc holds 4 packets (80 ms of Opus) before it decodes the first, which is 80 ms added
+    to every word's way to the avatar. The stream places input by its timestamps and fills in
+    whatever comes late, so a shorter prefetch costs nothing but latency. aiortc has no option
+    for this; its receiver's jitter buffer is replaced before the first packet. Returns whether
+    it could be.
+    """
+    from aiortc.jitterbuffer import JitterBuffer
+
+    attr = "_RTCRtpReceiver__jitter_buffer"
+    old = getattr(receiver, attr, None)
+    if not isinstance(old, JitterBuffer):
+        log.warning("this aiortc's receiver has no jitter buffer to shorten: prefetch stays")
+        return False
+    setattr(receiver, attr, JitterBuffer(capacity=old.capacity, prefetch=packets))
+    return True
 
 
 class SessionManager:
@@ -282,6 +308,10 @@ class SessionManager:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "audio" and peer.kind == "live":
+                # The track event comes from setRemoteDescription, before any packet.
+                for t in pc.getTransceivers():
+                    if t.receiver.track is track:
+                        shorten_audio_prefetch(t.receiver, self.cfg.stream.input_prefetch_packets)
                 peer.tasks.append(
                     asyncio.create_task(self._consume(peer, track), name=f"mic-{peer.id}")
                 )

@@ -62,6 +62,10 @@ REANCHOR_BEHIND_S = 0.5
 INT16_MAX = 32767
 # Input louder than this (RMS, full scale 1) counts as speech in the stats.
 SPEECH_RMS = 0.01
+# With no frame rendered for this long, an over-budget render estimate decays by this factor
+# every tick (20 ms): about halfway back to the budget in 60 ms.
+RELAX_AFTER_S = 0.2
+RELAX_FACTOR = 0.8
 # Entries kept in a stream's trace (per rendered frame / per input chunk): minutes of history.
 TRACE_LEN = 15_000
 
@@ -182,6 +186,7 @@ class AvatarStream:
         self.motion_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self.input_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self._last_landmarks: np.ndarray | None = None
+        self._last_render_at = now()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.closed_event = asyncio.Event()
@@ -388,6 +393,7 @@ class AvatarStream:
         """Bring the timeline up to the clock: silence for late live input, queued speech
         (or silence) for a presenter."""
         self._sync_skipped()
+        self._relax_render_estimate()
         target = self.clock.input_position()
         if self.mode == "live":
             fill_to = math.floor(target - self.cfg.jitter_budget_ms / 1000 * OUT_RATE_HZ)
@@ -416,6 +422,16 @@ class AvatarStream:
         eta = self.clock.now() + self.stats.render_ms_ema / 1000
         return self.clock.first_live_frame(eta)
 
+    def _relax_render_estimate(self) -> None:
+        # The estimate only learns from frames that render. After a slow spell every frame may
+        # look hopeless and be skipped, and nothing would ever correct it: while no frame has
+        # rendered for a while, let it decay toward the budget so that frames are tried again.
+        st = self.stats
+        budget_ms = self.budget["compute_s"] * 1000
+        idle_s = self.clock.now() - self._last_render_at
+        if st.render_ms_ema > budget_ms and idle_s > RELAX_AFTER_S:
+            st.render_ms_ema = budget_ms + RELAX_FACTOR * (st.render_ms_ema - budget_ms)
+
     def _sync_skipped(self) -> None:
         skipped = self.session.frames_skipped - self.stats.frames_skipped
         if skipped:
@@ -429,6 +445,7 @@ class AvatarStream:
                 now = self.clock.now()
                 st = self.stats
                 st.frames_rendered += 1
+                self._last_render_at = now
                 render_s = self.session.render_wall_s
                 slack_s = self.clock.frame_time(frame.pts) - now
                 st.render_ms_ema += 0.1 * (render_s * 1000 - st.render_ms_ema)

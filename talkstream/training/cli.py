@@ -29,7 +29,8 @@ examples:
   talkstream train --config configs/default_tiny.json            all stages, resumable
   talkstream train --config configs/default_tiny.json --stage teacher
   talkstream train --config my.json --set teacher.steps=200 --set data.corpus=corpora/me
-  torchrun --nproc-per-node 4 -m talkstream.cli train --config my.json --set device='"cuda"'
+  torchrun --nproc-per-node 4 -m talkstream.cli train --config my.json --device cuda
+                                              one process per GPU; batch = global batch
 """
 
 
@@ -91,7 +92,7 @@ def add_parser(
         "--init", type=Path, default=None, help="checkpoint to start from (default: shipped)"
     )
     e.add_argument("--preset", default="tiny", help="preset of the shipped checkpoint (tiny)")
-    e.add_argument("--steps", type=int, default=300, help="fine-tuning steps (300)")
+    e.add_argument("--steps", type=int, default=500, help="fine-tuning steps (500)")
     e.add_argument("--batch", type=int, default=16, help="batch size (16)")
     e.add_argument("--seed", type=int, default=0, help="random seed (0)")
     e.add_argument("--config", type=Path, default=None, help="a full training config instead")

@@ -101,7 +101,7 @@ class MotionStageConfig(StageConfig):
 
 @dataclass(frozen=True)
 class TeacherStageConfig(StageConfig):
-    steps: int = 2800
+    steps: int = 3400
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 150

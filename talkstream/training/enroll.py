@@ -41,7 +41,7 @@ class EnrollConfig:
     landmarks: Path | None = None
     minutes: float = 2.0  # minutes of synthetic speech for the photo
     init: Path | None = None  # default: the shipped checkpoint of the preset
-    steps: int = 300  # student fine-tuning steps; the end-to-end pass runs half as many
+    steps: int = 500  # student fine-tuning steps; the end-to-end pass runs half as many
     batch: int = 16
     seed: int = 0
     device: str = "cpu"

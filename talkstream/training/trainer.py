@@ -636,7 +636,9 @@ def _export(path: Path, nets: Nets, meta: dict[str, Any]) -> None:
     kind = "student" if nets.student is not None else "teacher"
     save_checkpoint(path, _models(nets, student, {**meta, "denoiser": kind}))
     tdir = path / TEACHER_DIR
-    if nets.teacher_trained and nets.student is not None:
+    # Only a teacher trained in this run belongs beside the student (an enrolment fine-tunes
+    # the student alone: the init's teacher never saw the new face).
+    if "teacher" in nets.trained and nets.student is not None:
         save_checkpoint(tdir, _models(nets, nets.teacher, {**meta, "denoiser": "teacher"}))
     elif tdir.exists():
         shutil.rmtree(tdir)
