@@ -84,6 +84,7 @@ class EngineConfig:
     idle: IdleConfig = field(default_factory=IdleConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     lookahead_frames: int | None = None  # None: the motion model's trained default
+    warmup: bool = True  # run the networks once at load, so no user frame pays first-call costs
     # Runs motion + denoiser: torch, compiled, onnxruntime, tensorrt or auto (the fastest
     # available; see talkstream.export.backends).
     backend: str = "torch"

@@ -107,7 +107,7 @@ def run_e2e(
             wake.wait(0.1)
             wake.clear()
             with lock:
-                items = session._take_ready()  # see runner.take_ready
+                items = session.take_ready()  # see runner.take_ready
             if not items:
                 if pushing_done.is_set():
                     with lock:

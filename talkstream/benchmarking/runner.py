@@ -197,12 +197,12 @@ class Feeder:
 def take_ready(feeders: list[Feeder]) -> list[Any]:
     """The due frames of all sessions, as items for one ``Engine.render`` call.
 
-    ``Session._take_ready`` is the pipeline's own (private) way to collect a session's due
+    ``Session.take_ready`` is the pipeline's way to collect a session's due
     frames; batching several sessions into one render call needs it until it is public.
     """
     items: list[Any] = []
     for f in feeders:
-        items += f.session._take_ready()
+        items += f.session.take_ready()
     return items
 
 

@@ -109,6 +109,32 @@ class Engine:
         self._lock = threading.Lock()  # one model call at a time
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="talkstream-infer")
         self._prepared: dict[str, PreparedAvatar] = {}
+        self.warmup_s = self.warmup() if cfg.warmup else 0.0
+
+    def warmup(self) -> float:
+        """Run every per-frame network once on dummy inputs; returns the seconds it took.
+
+        First calls pay for lazy imports (the custom ops pull in sympy), kernel selection and,
+        for compiled backends, compilation: a start-up phase of its own, never charged to a
+        user's first frame.
+        """
+        t0 = time.perf_counter()
+        mcfg = self.motion.cfg
+        s = self.crop_size
+        with self._lock, torch.inference_mode():
+            windows = torch.full(
+                (1, mcfg.window, mcfg.mel_rows, mcfg.n_mels),
+                silence_level(self.audio_cfg),
+                device=self.device,
+            )  # (1, W, R, 80)
+            neutral = torch.zeros(1, 68, 2, device=self.device)
+            self.backend.motion(windows, neutral, mcfg.lookahead_frames)
+            ref = self.denoiser.encode_reference(
+                torch.zeros(1, 3, s, s, device=self.device, dtype=self.dtype)
+            )
+            noise = torch.zeros(1, 3, s, s, device=self.device, dtype=self.dtype)
+            self.backend.sample(self.sampler, noise, neutral.to(self.dtype), ref)
+        return time.perf_counter() - t0
 
     @staticmethod
     def _load_models(cfg: EngineConfig) -> Models:
@@ -164,7 +190,7 @@ class Engine:
     # -- inference -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def render(self, items: Sequence[_Item]) -> list[Frame]:
+    def render(self, items: Sequence[RenderItem]) -> list[Frame]:
         """Motion, denoiser and paste-back for a batch of frames (of one or more sessions)."""
         if not items:
             return []
@@ -195,7 +221,7 @@ class Engine:
             frames.append(Frame(image=image, pts=it.pts, landmarks=landmarks[i]))
         return frames
 
-    def _denoise(self, items: Sequence[_Item], target: torch.Tensor) -> np.ndarray:
+    def _denoise(self, items: Sequence[RenderItem], target: torch.Tensor) -> np.ndarray:
         # Group by avatar: one reference batch broadcast over the group's frames.
         out = np.empty((len(items), self.crop_size, self.crop_size, 3), dtype=np.uint8)
         groups: dict[str, list[int]] = {}
@@ -212,7 +238,7 @@ class Engine:
 
 
 @dataclass
-class _Item:
+class RenderItem:
     session: Session
     pts: int
     window: np.ndarray  # (W, R, n_mels)
@@ -300,10 +326,15 @@ class Session:
         """A frame buffer holding the avatar's background, for the next frame."""
         return self.prepared.avatar.image.copy()
 
-    def _take_ready(self) -> list[_Item]:
+    def take_ready(self) -> list[RenderItem]:
+        """Claim up to ``max_batch`` ready frames, unrendered.
+
+        Pass the items of one or more sessions to ``Engine.render`` (one batched call for all
+        sessions that are due together); each frame is claimed exactly once.
+        """
         with self._lock:
             frames, windows = self.streamer.ready_windows(self.max_batch)
-        return [_Item(self, t, windows[i]) for i, t in enumerate(frames)]
+        return [RenderItem(self, t, windows[i]) for i, t in enumerate(frames)]
 
     def has_ready(self) -> bool:
         with self._lock:
@@ -331,7 +362,7 @@ class Session:
 
     def render_ready(self) -> list[Frame]:
         """Render up to ``max_batch`` ready frames in the calling thread (offline use)."""
-        return self.engine.render(self._take_ready())
+        return self.engine.render(self.take_ready())
 
     async def frames(self, skip_before: Callable[[], int] | None = None) -> AsyncIterator[Frame]:
         """Frames as their audio arrives, rendered in the engine's worker; ends after end_audio.
@@ -348,7 +379,7 @@ class Session:
             if skip_before is not None:
                 self.skip_until(skip_before())
             if self.has_ready():
-                items = self._take_ready()
+                items = self.take_ready()
                 t0 = time.perf_counter()
                 rendered = await loop.run_in_executor(
                     self.engine.executor, self.engine.render, items
