@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[detect,export]'
+	$(PIP) install -q -e '.[detect,export,serve]'
 	touch $@
 
 sysdeps:
@@ -35,8 +35,11 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e '.[$(TEST_EXTRAS)]'
 	touch $@
 
+# The main job: render out.mp4 (the default face says the bundled sentence), then serve the
+# live avatar; open the printed address, allow the microphone, speak. Ctrl-C stops the server.
 demo: setup
 	$(VENV)/bin/talkstream render --out out.mp4
+	$(VENV)/bin/talkstream serve
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -3,6 +3,10 @@ audio-video offset over a session, sustained fps, and concurrent sessions before
 
     .venv/bin/python benchmarks/stream_latency.py --duration 60 --out benchmarks/stream_latency.json
 
+``talkstream bench --browser URL`` (``talkstream.benchmarking.browser``) is the installed
+glass-to-glass harness, for any talkstream server; this script shares its Chromium flags and
+onset detection, and adds the A/V drift over a long session and the concurrency scenario.
+
 Scenario 1 (browser): the server runs in this process on loopback; headless Chromium (driven by
 playwright, DESIGN.md's flags) opens the web client with ``?probe=1``. Its fake microphone loops
 an espeak-ng sentence followed by silence. The page records, on one clock (performance.now()),
@@ -49,27 +53,19 @@ from typing import Any
 
 import numpy as np
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--allow-loopback-in-peer-connection",
-]
+from talkstream.benchmarking.browser import (
+    CHROMIUM_FLAGS,
+    QUIET_BEFORE_ONSET_S,
+    QUIET_RMS,
+    SPEECH_RMS,
+    find_chromium,
+    onsets,
+    pair_up,
+)
+
+CHROMIUM = find_chromium() or "/usr/bin/chromium"
 SENTENCE = "hello there, how are you doing today"
 SILENCE_S = 2.5
-SPEECH_RMS = 0.02  # a level above this is speech
-QUIET_RMS = 0.003  # below this is silence
-QUIET_BEFORE_ONSET_S = 0.4  # an onset needs this much silence before it
-RISE_S = 0.1  # from the end of the silence to the onset level
 SETTLE_S = 10.0  # the browser's A/V sync converges within this; drift is fitted after it
 
 
@@ -111,29 +107,6 @@ class Report:
     concurrency: list[ConcurrencyLevel] = field(default_factory=list)
     max_sessions_without_drops: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- onsets
-
-
-def onsets(
-    times: np.ndarray, level: np.ndarray, on: float, quiet: float, quiet_s: float
-) -> list[float]:
-    """Times where ``level`` rises to ``on`` within ``RISE_S`` of a stretch of at least
-    ``quiet_s`` below ``quiet``."""
-    out: list[float] = []
-    loud = level >= on
-    for i in np.flatnonzero(loud[1:] & ~loud[:-1]) + 1:
-        t = times[i]
-        lo, hi = np.searchsorted(times, [t - RISE_S - quiet_s, t - RISE_S])
-        lo = max(lo - 1, 0)  # the sample at or just before the window's start (sparse traces)
-        if (
-            hi - lo >= 2
-            and level[lo:hi].max() < quiet
-            and times[hi - 1] - times[lo] >= 0.7 * quiet_s
-        ):
-            out.append(float(t))
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -322,19 +295,6 @@ async def browser_scenario(
         client=client,
         budget_ms=budget_ms,
     )
-
-
-def pair_up(
-    media_on: Sequence[float], browser_on: Sequence[float], guess: float, tol: float
-) -> list[tuple[float, float]]:
-    """(media onset, browser onset) pairs: each media onset with the browser onset nearest to
-    ``media + guess``, within ``tol`` seconds."""
-    pairs = []
-    for m in media_on:
-        near = [b for b in browser_on if abs(b - m - guess) <= tol]
-        if near:
-            pairs.append((m, min(near, key=lambda b: abs(b - m - guess))))
-    return pairs
 
 
 def analyse(probe: dict[str, Any], trace: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ pytest.importorskip("aiortc", reason="the serve extra (aiortc) is not installed"
 import soundfile
 
 from talkstream.engine.avatar import Avatar
-from talkstream.engine.pipeline import Engine, Frame, _Item
+from talkstream.engine.pipeline import Engine, Frame, RenderItem
 from talkstream.streaming.client import connect
 from talkstream.streaming.server import warm_up
 from tests.conftest import speechlike
@@ -43,7 +43,7 @@ async def test_fan_out_renders_once_per_presenter(
     rendered: list[int] = []
     real_render = warm_engine.render
 
-    def counting_render(items: Sequence[_Item]) -> list[Frame]:
+    def counting_render(items: Sequence[RenderItem]) -> list[Frame]:
         rendered.extend(it.pts for it in items)
         return real_render(items)
 

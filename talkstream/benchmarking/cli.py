@@ -22,10 +22,9 @@ from talkstream.errors import TalkstreamError
 log = logging.getLogger("talkstream.bench")
 
 DEFAULT_OUT = Path("bench-out")
-# The browser glass-to-glass harness (streaming issue) lives in benchmarks/stream_*.py of a
-# checkout; when one of those files defines this function, ``--browser URL`` is offered and
-# calls it as ``run_browser_bench(url, out_dir) -> dict`` (JSON-ready; stored under "browser").
-BROWSER_ENTRY = "run_browser_bench"
+# ``--browser URL``: the glass-to-glass harness, talkstream.benchmarking.browser (its result is
+# stored under "browser" in bench.json); its default session length in seconds.
+BROWSER_DURATION_S = 20.0
 
 NOISY_LOGGERS = ("onnx_ir", "onnxscript")
 # Defaults of the full run and of --quick (a smoke run for tests and CI, seconds long).
@@ -63,6 +62,8 @@ examples:
   talkstream bench --backend torch,compiled --skip-unavailable
   talkstream bench --scenario-file my_scenarios.json
   talkstream bench --summarize bench-out            short table of every bench.json below
+  talkstream bench --browser http://host:8080       glass-to-glass in headless Chromium
+  talkstream bench --browser local --duration 30    ... against a server started here
 """
 
 
@@ -200,31 +201,31 @@ def add_parser(
         metavar="DIR",
         help="print a short table of every bench.json under DIR and exit",
     )
-    harness = find_browser_harness()
-    if harness is not None:
-        g.add_argument(
-            "--browser",
-            default=None,
-            metavar="URL",
-            help=f"glass-to-glass: headless Chromium against a running server at URL "
-            f"({harness.name}); runs only this",
-        )
+    g = p.add_argument_group("browser glass-to-glass (runs only this)")
+    g.add_argument(
+        "--browser",
+        default=None,
+        metavar="URL",
+        help="headless Chromium with a fake microphone against the talkstream server at URL: "
+        "mic-to-mouth latency and received fps; 'local' starts a server here with the model "
+        "flags (needs playwright and chromium)",
+    )
+    g.add_argument(
+        "--duration",
+        type=float,
+        default=BROWSER_DURATION_S,
+        metavar="S",
+        help=f"seconds measured from the first frame ({BROWSER_DURATION_S:g})",
+    )
+    g.add_argument(
+        "--speech-wav",
+        type=Path,
+        default=None,
+        help="the fake microphone's loop: speech bursts separated by silence "
+        "(default: espeak-ng phrases)",
+    )
     add_engine_args(p)
     p.set_defaults(func=lambda ns: run_bench(ns, engine_config), browser=None)
-
-
-def find_browser_harness() -> Path | None:
-    """``benchmarks/stream_*.py`` of this checkout defining ``run_browser_bench``, if any."""
-    root = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not root.is_dir():
-        return None
-    for path in sorted(root.glob("stream_*.py")):
-        try:
-            if f"def {BROWSER_ENTRY}(" in path.read_text(errors="replace"):
-                return path
-        except OSError:
-            continue
-    return None
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -420,9 +421,8 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
         report.write_json(result, out_dir / "bench.json")
 
     if getattr(ns, "browser", None):
-        result["browser"] = _run_browser(ns.browser, out_dir)
-    else:
-        _run_local(ns, base, scenarios, clips, result, save)
+        return _run_browser(ns, base, result, save)
+    _run_local(ns, base, scenarios, clips, result, save)
     save()
     md = report.render_markdown(result)
     (out_dir / "bench.md").write_text(md)
@@ -552,15 +552,29 @@ def _run_streaming(
         engine.close()
 
 
-def _run_browser(url: str, out_dir: Path) -> dict[str, Any]:
-    path = find_browser_harness()
-    if path is None:  # the option exists only when it was found; the file may have gone since
-        raise TalkstreamError(
-            "the browser harness (benchmarks/stream_*.py) is not in this checkout"
-        )
-    spec = importlib.util.spec_from_file_location(f"_talkstream_browser_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    res: dict[str, Any] = getattr(module, BROWSER_ENTRY)(url, out_dir)
-    return res
+def _run_browser(
+    ns: argparse.Namespace, base: Any, result: dict[str, Any], save: Callable[[], None]
+) -> int:
+    """``--browser URL``: the glass-to-glass harness alone; prints its table."""
+    from talkstream.benchmarking.browser import render_markdown, run_browser_bench
+
+    out_dir: Path = ns.out
+    if not getattr(ns, "verbose", False):
+        # ICE logs every candidate-pair check at INFO (a local server runs in this process).
+        for name in ("aioice", "aiortc"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    log.info("browser glass-to-glass against %s for %g s", ns.browser, ns.duration)
+    result["browser"] = run_browser_bench(
+        ns.browser,
+        out_dir,
+        duration_s=ns.duration,
+        speech_wav=ns.speech_wav,
+        engine_config=base,
+    )
+    save()
+    sys.stdout.write("\n" + render_markdown(result["browser"]))
+    print(
+        f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'browser.json'}, "
+        f"{out_dir / 'browser.md'} and {out_dir / 'browser-raw.json'}"
+    )
+    return 0
