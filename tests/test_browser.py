@@ -25,6 +25,7 @@ playwright_api = pytest.importorskip(
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
+from talkstream.benchmarking.browser import CHROMIUM_FLAGS  # noqa: E402
 from talkstream.config import EngineConfig, IdleConfig  # noqa: E402
 from talkstream.engine.avatar import Avatar  # noqa: E402
 from talkstream.engine.checkpoint import Models  # noqa: E402
@@ -34,21 +35,6 @@ from talkstream.streaming.server import warm_up  # noqa: E402
 from tests.test_server import running_server, wait_for  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-# DESIGN.md's flags, plus loopback ICE candidates so that WebRTC stays on 127.0.0.1.
-CHROMIUM_FLAGS = [
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required",
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--allow-loopback-in-peer-connection",
-]
 STREAM_S = 10.0  # covers speech, silence, speech (and the start of the loop)
 FPS_WINDOW_S = 5.0
 LANDMARK_GAIN = 30.0
