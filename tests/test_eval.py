@@ -91,8 +91,18 @@ def test_eval_produces_every_metric(corpus: Path, checkpoint: Path) -> None:
         "detector_hit_rate_corpus",
     ):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
-    for key in ("flicker_silence", "flicker_silence_corpus", "lipsync_r", "lipsync_r_corpus"):
+    for key in (
+        "flicker_silence",
+        "flicker_silence_corpus",
+        "lipsync_r",
+        "lipsync_r_corpus",
+        "lipsync_r_motion_landmarks",
+        "lipsync_r_student_gt_landmarks",
+    ):
         assert key in m  # None when the sample has no silence or no detected face
+    # The split of lipsync_r into motion and renderer is a correlation when defined.
+    for key in ("lipsync_r_motion_landmarks", "lipsync_r_student_gt_landmarks"):
+        assert m[key] is None or -1.0 <= m[key] <= 1.0, key
     # The detector finds the face in the corpus frames (the ceiling of the lip-sync figure).
     assert m["detector_hit_rate_corpus"] >= 0.9
     assert res.info["frames"] == 12 and res.info["split"] == "heldout"

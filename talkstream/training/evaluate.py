@@ -324,12 +324,15 @@ def evaluate(cfg: EvalConfig, detector: LandmarkDetector | None = None) -> EvalR
         metrics[f"ssim_{name}"] = float(np.mean(ss))
 
     schedule = NoiseSchedule(models.sampler)
+    student_gt: np.ndarray | None = None  # first student's frames from ground-truth landmarks
     for k in cfg.student_steps:
         sampler = FewStepSampler(schedule, k)
         frames = _render(
             sampler.sample, models.denoiser, reference, lm_gt, cfg.seed, cfg.batch, device
         )
         image_metrics(f"student_{k}step", frames)
+        if student_gt is None:
+            student_gt = frames
     if teacher is not None:
         tsampler = DDIMSampler(NoiseSchedule(teacher.sampler), cfg.teacher_steps)
         frames = _render(
@@ -388,6 +391,17 @@ def evaluate(cfg: EvalConfig, detector: LandmarkDetector | None = None) -> EvalR
         found, opening = _detect_openings(detector, e2e)
         metrics["detector_hit_rate"] = float(found.mean())
         metrics["lipsync_r"] = pearson(opening[found], phoneme_open[found])
+        # Where a low lipsync_r comes from: the motion model's landmarks alone (no renderer),
+        # and the renderer alone (student from ground-truth landmarks).
+        pred_open = inner_lip_opening(
+            np.concatenate([norm_to_crop_px(pred_speech[i][:n], size) for i, n in sel])
+        )
+        metrics["lipsync_r_motion_landmarks"] = pearson(pred_open, phoneme_open)
+        if student_gt is not None:
+            found_s, opening_s = _detect_openings(detector, student_gt)
+            metrics["lipsync_r_student_gt_landmarks"] = pearson(
+                opening_s[found_s], phoneme_open[found_s]
+            )
         found_c, opening_c = _detect_openings(detector, gt)
         metrics["detector_hit_rate_corpus"] = float(found_c.mean())
         metrics["lipsync_r_corpus"] = pearson(opening_c[found_c], phoneme_open[found_c])
