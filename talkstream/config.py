@@ -88,6 +88,13 @@ class EngineConfig:
     # Runs motion + denoiser: torch, compiled, onnxruntime, tensorrt or auto (the fastest
     # available; see talkstream.export.backends).
     backend: str = "torch"
+    # Most frames one batched engine call renders. Concurrent streams' due frames are coalesced
+    # into one call (``Engine.submit``); this bounds how long a call can keep the worker.
+    max_batch_frames: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_batch_frames < 1:
+            raise ValueError(f"max_batch_frames must be >= 1, got {self.max_batch_frames}")
 
 
 @dataclass(frozen=True)

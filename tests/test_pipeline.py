@@ -128,3 +128,76 @@ def test_errors(tiny_engine: Engine, default_avatar: Avatar) -> None:
     with pytest.raises(ValueError, match="lookahead"):
         tiny_engine.session(default_avatar, lookahead=5)
     assert 0.08 < s.latency_s < 0.2  # 80 ms lookahead + token rows + half a window
+
+
+def _claimed(engine: Engine, avatar: Avatar, seed: int, n_samples: int) -> list:
+    s = engine.session(avatar, seed=seed)
+    s.max_batch = 64
+    s.push_audio(speechlike(n_samples, seed=seed), 16000)
+    s.end_audio()
+    items = s.take_ready()
+    assert items
+    return items
+
+
+def test_submit_coalesces_waiting_requests_into_one_call(
+    tiny_engine: Engine, default_avatar: Avatar
+) -> None:
+    reqs = [_claimed(tiny_engine, default_avatar, seed, 3200) for seed in (1, 2, 3)]
+    # Each request alone, for reference.
+    alone = [tiny_engine.render(r) for r in reqs]
+    before = tiny_engine.batches_rendered
+    # Hold the model lock: the worker takes request 0 and blocks in it; 1 and 2 wait meanwhile.
+    with tiny_engine._lock:
+        futs = [tiny_engine.submit(reqs[0])]
+        while tiny_engine._pending:  # until the worker has taken request 0
+            threading.Event().wait(0.01)
+        futs += [tiny_engine.submit(r) for r in reqs[1:]]
+    got = [f.result(timeout=60) for f in futs]
+    assert tiny_engine.batches_rendered - before == 2  # request 0, then 1 and 2 together
+    for g, a, r in zip(got, alone, reqs, strict=True):
+        assert [f.pts for f in g] == [it.pts for it in r]  # each caller gets its own frames
+        for fg, fa in zip(g, a, strict=True):
+            np.testing.assert_allclose(fg.landmarks, fa.landmarks, atol=1e-5)
+            assert np.abs(fg.image.astype(int) - fa.image).max() <= 1
+
+
+def test_submit_respects_max_batch_and_skips_cancelled(
+    tiny_engine: Engine, default_avatar: Avatar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    reqs = [_claimed(tiny_engine, default_avatar, seed, 1600) for seed in (4, 5, 6, 7)]
+    n = len(reqs[1])
+    monkeypatch.setattr(
+        tiny_engine, "cfg", dataclasses.replace(tiny_engine.cfg, max_batch_frames=n + 1)
+    )
+    seen: list[int] = []
+    real_render = tiny_engine.render
+
+    def counting_render(items: list) -> list[Frame]:
+        seen.append(len(items))
+        return real_render(items)
+
+    monkeypatch.setattr(tiny_engine, "render", counting_render)
+    with tiny_engine._lock:
+        futs = [tiny_engine.submit(reqs[0])]
+        while tiny_engine._pending:
+            threading.Event().wait(0.01)
+        futs += [tiny_engine.submit(r) for r in reqs[1:]]
+        assert futs[2].cancel()  # cancelled while waiting: never rendered
+    assert futs[1].result(timeout=60) and futs[3].result(timeout=60)
+    # 1 and 3 do not fit one call of n + 1 frames together; 2 was dropped.
+    assert seen == [len(reqs[0]), len(reqs[1]), len(reqs[3])]
+
+
+def test_submit_reports_errors_and_keeps_working(
+    tiny_engine: Engine, default_avatar: Avatar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    req = _claimed(tiny_engine, default_avatar, 8, 1600)
+    real_render = tiny_engine.render
+    monkeypatch.setattr(tiny_engine, "render", lambda items: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        tiny_engine.submit(req).result(timeout=60)
+    monkeypatch.setattr(tiny_engine, "render", real_render)
+    assert len(tiny_engine.submit(req).result(timeout=60)) == len(req)

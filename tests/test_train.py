@@ -240,3 +240,35 @@ def test_config_files(tmp_path: Path) -> None:
         load_train_config(bad)
     with pytest.raises(ValueError, match="unknown stages"):
         load_train_config(toml, ['stages=["warmup"]'])
+
+
+def test_motion_stage_trains_on_its_own_landmark_corpus(tmp_path: Path) -> None:
+    from talkstream.training.espeak import espeak_available
+
+    if not espeak_available():
+        pytest.skip("libespeak-ng is not installed (Debian: libespeak-ng1)")
+    cfg = tiny_config(
+        tmp_path,
+        steps=2,
+        stages=["motion"],
+        data={"build": {"minutes": 0.05, "motion_minutes": 0.15, "seed": 3}},
+    )
+    res = train(cfg)
+    main, motion = tmp_path / "corpus", tmp_path / "motion_corpus"
+    m_main = json.loads((main / "manifest.json").read_text())
+    m_motion = json.loads((motion / "manifest.json").read_text())
+    # Frames only where the renderer needs them; more speech for the motion model.
+    assert m_main["frames"] == "frames_delta" and m_motion["frames"] is None
+    assert m_motion["duration_s"] > 2 * m_main["duration_s"]
+    with np.load(motion / m_motion["clips"][0]["data"]) as z:
+        assert "frames_delta" not in z.files and z["speech_landmarks"].ndim == 3
+    # Same seed: the same held-out sentences and voices, and the same first clips.
+    for key in ("available_sentence_ids", "voice_variants"):
+        assert m_motion["splits"]["heldout"][key] == m_main["splits"]["heldout"][key]
+    assert m_motion["clips"][0]["text"] == m_main["clips"][0]["text"]
+    meta = load_checkpoint(res.final).meta
+    assert meta["data"]["motion_corpus"]["duration_s"] == m_motion["duration_s"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": {"build": {"motion_minutes": 0}}}')
+    with pytest.raises(ValueError, match="motion_minutes"):
+        load_train_config(bad)

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
@@ -108,6 +108,11 @@ class Engine:
         self.crop_size = self.denoiser.cfg.image_size
         self._lock = threading.Lock()  # one model call at a time
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="talkstream-infer")
+        # Requests of Engine.submit waiting for the worker; it drains them in batches.
+        self._pending: list[tuple[list[RenderItem], Future[list[Frame]]]] = []
+        self._pending_lock = threading.Lock()
+        self._draining = False
+        self.batches_rendered = 0  # engine calls made by submit()
         self._prepared: dict[str, PreparedAvatar] = {}
         self.warmup_s = self.warmup() if cfg.warmup else 0.0
 
@@ -220,6 +225,65 @@ class Engine:
             )
             frames.append(Frame(image=image, pts=it.pts, landmarks=landmarks[i]))
         return frames
+
+    def submit(self, items: Sequence[RenderItem]) -> Future[list[Frame]]:
+        """Render ``items`` in the worker, coalesced with whatever other callers submitted.
+
+        Every request that is waiting when the worker becomes free goes into one
+        :meth:`render` call (up to ``cfg.max_batch_frames`` frames): concurrent streams share
+        a batch instead of queueing one engine call each, and nothing waits for a batch to
+        fill. The future gets exactly this request's frames, in order; a request cancelled
+        before the worker takes it is never rendered.
+        """
+        fut: Future[list[Frame]] = Future()
+        with self._pending_lock:
+            self._pending.append((list(items), fut))
+            start = not self._draining
+            self._draining = True
+        if start:
+            try:
+                self.executor.submit(self._drain)
+            except RuntimeError:  # shut down
+                with self._pending_lock:
+                    self._draining = False
+                raise
+        return fut
+
+    def _take_pending(self) -> list[tuple[list[RenderItem], Future[list[Frame]]]]:
+        """The next batch of requests (within max_batch_frames, at least one request); [] when
+        none is left, and then the worker counts as idle (the next submit schedules it)."""
+        with self._pending_lock:
+            taken: list[tuple[list[RenderItem], Future[list[Frame]]]] = []
+            n = 0
+            while self._pending:
+                items, fut = self._pending[0]
+                if taken and n + len(items) > self.cfg.max_batch_frames:
+                    break
+                self._pending.pop(0)
+                if fut.set_running_or_notify_cancel():
+                    taken.append((items, fut))
+                    n += len(items)
+            if not taken:
+                self._draining = False  # nothing left (every waiting request was cancelled)
+            return taken
+
+    def _drain(self) -> None:
+        while True:
+            taken = self._take_pending()
+            if not taken:
+                return
+            items = [it for req, _ in taken for it in req]
+            try:
+                frames = self.render(items)
+            except BaseException as e:  # every waiter hears about it; the worker goes on
+                for _, fut in taken:
+                    fut.set_exception(e)
+                continue
+            self.batches_rendered += 1
+            k = 0
+            for req, fut in taken:
+                fut.set_result(frames[k : k + len(req)])
+                k += len(req)
 
     def _denoise(self, items: Sequence[RenderItem], target: torch.Tensor) -> np.ndarray:
         # Group by avatar: one reference batch broadcast over the group's frames.
@@ -381,9 +445,8 @@ class Session:
             if self.has_ready():
                 items = self.take_ready()
                 t0 = time.perf_counter()
-                rendered = await loop.run_in_executor(
-                    self.engine.executor, self.engine.render, items
-                )
+                # Coalesced with other sessions' due frames into one engine call.
+                rendered = await asyncio.wrap_future(self.engine.submit(items), loop=loop)
                 self.render_wall_s = (time.perf_counter() - t0) / max(len(rendered), 1)
                 for frame in rendered:
                     yield frame

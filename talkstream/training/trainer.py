@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from talkstream import __version__
-from talkstream.config import AudioConfig, SamplerConfig
+from talkstream.config import AudioConfig, AvatarConfig, SamplerConfig
 from talkstream.engine.checkpoint import Models, load_checkpoint, save_checkpoint
 from talkstream.engine.denoiser import DenoiserConfig, TalkFormerDenoiser
 from talkstream.engine.motion import AudioToMotion, MotionConfig
@@ -68,7 +68,9 @@ __all__ = [
     "Nets",
     "TrainResult",
     "pick_lookahead",
+    "motion_corpus_dir",
     "prepare_data",
+    "prepare_motion_data",
     "train",
 ]
 
@@ -281,19 +283,37 @@ def corpus_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
+def motion_corpus_dir(cfg: TrainConfig) -> Path | None:
+    """The corpus the motion stage trains on, if it has its own (else the main data)."""
+    if cfg.data.motion_corpus is not None:
+        return Path(cfg.data.motion_corpus)
+    b = cfg.data.build
+    if cfg.data.corpus is None and b is not None and b.motion_minutes is not None:
+        return Path(cfg.out) / "motion_corpus"
+    return None
+
+
+def _build_corpus(cfg: TrainConfig, out: Path, minutes: float, frames: bool) -> None:
+    from talkstream.training.synthetic import CorpusConfig, build_corpus
+
+    b = cfg.data.build
+    assert b is not None
+    image, points = _resolve_image(cfg)
+    # Crops at the size the denoiser renders.
+    avatar = AvatarConfig(crop_size=_arch(cfg)[1].image_size)
+    ccfg = CorpusConfig(render_frames=frames, avatar=avatar)
+    res = build_corpus(image, points, out, minutes, b.seed, cfg.progress, ccfg)
+    log.info("corpus: %d clips, %.1f min in %s", res.clips, res.duration_s / 60, out)
+
+
 def prepare_data(cfg: TrainConfig, dist: DistInfo, audio: AudioConfig) -> TrainData:
     """Build (rank 0) or find the data a config names, and load its training split."""
     parts: list[TrainData] = []
     corpus = corpus_dir(cfg)
     if corpus is not None:
         if cfg.data.corpus is None and dist.is_main:
-            from talkstream.training.synthetic import build_corpus
-
-            b = cfg.data.build
-            assert b is not None
-            image, points = _resolve_image(cfg)
-            res = build_corpus(image, points, corpus, b.minutes, b.seed, cfg.progress)
-            log.info("corpus: %d clips, %.1f min in %s", res.clips, res.duration_s / 60, corpus)
+            assert cfg.data.build is not None
+            _build_corpus(cfg, corpus, cfg.data.build.minutes, frames=True)
         dist.barrier()
         parts.append(load_dataset(corpus, "train", audio))
     if cfg.data.videos is not None:
@@ -308,6 +328,43 @@ def prepare_data(cfg: TrainConfig, dist: DistInfo, audio: AudioConfig) -> TrainD
         raise TalkstreamError(
             "the config names no training data: set data.corpus, data.build or data.videos"
         )
+    return concat_datasets(parts)
+
+
+def _same_heldout(a: Path, b: Path) -> bool:
+    def heldout(p: Path) -> tuple[Any, ...]:
+        m = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+        h = m.get("splits", {}).get("heldout", {})
+        return (m.get("avatar_key"), h.get("available_sentence_ids"), h.get("voice_variants"))
+
+    return heldout(a) == heldout(b)
+
+
+def prepare_motion_data(
+    cfg: TrainConfig, dist: DistInfo, audio: AudioConfig, data: TrainData
+) -> TrainData:
+    """The motion stage's data: its own corpus (audio and landmarks) if the config names or
+    builds one, else ``data``. Real videos, if any, stay in (their mouths are real)."""
+    path = motion_corpus_dir(cfg)
+    if path is None:
+        return data
+    if cfg.data.motion_corpus is None and dist.is_main:
+        b = cfg.data.build
+        assert b is not None and b.motion_minutes is not None
+        _build_corpus(cfg, path, b.motion_minutes, frames=False)
+    dist.barrier()
+    main = corpus_dir(cfg)
+    if main is not None and (main / "manifest.json").is_file() and not _same_heldout(main, path):
+        log.warning(
+            "motion corpus %s holds out other sentences, voices or another face than %s: "
+            "held-out scores of the motion model will be optimistic",
+            path,
+            main,
+        )
+    parts = [load_dataset(path, "train", audio, frames=False)]
+    if cfg.data.videos is not None:
+        cache = Path(cfg.data.video_cache or Path(cfg.out) / "video_cache")
+        parts.append(load_dataset(cache, "train", audio, frames=False))
     return concat_datasets(parts)
 
 
@@ -515,6 +572,18 @@ def _data_summary(cfg: TrainConfig, data: TrainData | None) -> dict[str, Any]:
             },
             "image": cfg.data.build.image if cfg.data.build and cfg.data.corpus is None else None,
         }
+    mcorpus = motion_corpus_dir(cfg)
+    if mcorpus is not None and (mcorpus / "manifest.json").is_file():
+        m = json.loads((mcorpus / "manifest.json").read_text(encoding="utf-8"))
+        out["motion_corpus"] = {
+            "path": str(mcorpus),
+            "seed": m.get("seed"),
+            "duration_s": m.get("duration_s"),
+            "splits": {
+                k: {"clips": v["clips"], "duration_s": v["duration_s"]}
+                for k, v in m.get("splits", {}).items()
+            },
+        }
     if cfg.data.videos is not None:
         out["videos"] = str(cfg.data.videos)
     if data is not None:
@@ -592,7 +661,10 @@ def _train(
                 f"the data's crops are {data.crop_size}px but the denoiser renders "
                 f"{nets.teacher.cfg.image_size}px"
             )
-        summary = _RUNNERS[stage](ctx, cfg, nets, data)
+        stage_data = data
+        if stage == "motion":
+            stage_data = prepare_motion_data(cfg, dist, nets.audio, data)
+        summary = _RUNNERS[stage](ctx, cfg, nets, stage_data)
         summaries[stage] = summary
         denoiser = nets.teacher if stage in ("motion", "teacher") else nets.student
         assert denoiser is not None
