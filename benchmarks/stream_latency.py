@@ -81,6 +81,14 @@ class BrowserResult:
     av_burst_times_s: list[float]  # when each burst started, from the first
     av_drift_ms_per_min: float  # trend of the per-burst offset after SETTLE_S
     av_halves_ms: list[float]  # median offset in the first and second half (after SETTLE_S)
+    # The same from the exact index of every presented frame (RTP timestamps): see exact_av.
+    frame_delay_ms: float  # mic capture of an instant -> display of its frame, p50 of frames
+    av_exact_offset_ms: float
+    av_exact_bursts_ms: list[float]
+    av_exact_burst_times_s: list[float]
+    av_exact_drift_ms_per_min: float
+    av_exact_halves_ms: list[float]
+    rtp_anchor_agreement: float  # share of motion-onset pairs naming the chosen RTP origin
     decoded_fps: float
     decoded_fps_min_5s: float
     server: dict[str, Any]
@@ -289,6 +297,13 @@ async def browser_scenario(
         av_burst_times_s=offsets["av_burst_times_s"],
         av_drift_ms_per_min=offsets["av_drift_ms_per_min"],
         av_halves_ms=offsets["av_halves_ms"],
+        frame_delay_ms=offsets["frame_delay_ms"],
+        av_exact_offset_ms=offsets["av_exact_offset_ms"],
+        av_exact_bursts_ms=offsets["av_exact_bursts_ms"],
+        av_exact_burst_times_s=offsets["av_exact_burst_times_s"],
+        av_exact_drift_ms_per_min=offsets["av_exact_drift_ms_per_min"],
+        av_exact_halves_ms=offsets["av_exact_halves_ms"],
+        rtp_anchor_agreement=offsets["rtp_anchor_agreement"],
         decoded_fps=decoded_fps,
         decoded_fps_min_5s=min(win) if win else 0.0,
         server=server_stats,
@@ -323,6 +338,7 @@ def analyse(probe: dict[str, Any], trace: dict[str, Any]) -> dict[str, Any]:
     nan = float("nan")
     if not (speech_media and mic_on):
         return {
+            **exact_av(mouth, [], [], []),
             "bursts": len(mic_on),
             "mic_to_mouth_ms": nan,
             "mic_to_voice_ms": nan,
@@ -367,7 +383,9 @@ def analyse(probe: dict[str, Any], trace: dict[str, Any]) -> dict[str, Any]:
         if half
         else []
     )
+    exact = exact_av(mouth, mic_pairs, voice_pairs, mouth_pairs)
     return {
+        **exact,
         "bursts": len(mic_on),
         "av_halves_ms": halves,
         "mic_to_mouth_ms": 1000 * (l_mouth - l_mic),
@@ -377,6 +395,99 @@ def analyse(probe: dict[str, Any], trace: dict[str, Any]) -> dict[str, Any]:
         "av_burst_times_s": av_t,
         "av_drift_ms_per_min": drift,
         "pairs": [len(mic_pairs), len(voice_pairs), len(mouth_pairs)],
+    }
+
+
+RTP_TICKS_PER_FRAME = 3600  # 90 kHz video clock, 25 fps
+
+
+def exact_av(
+    mouth: np.ndarray,
+    mic_pairs: list[tuple[float, float]],
+    voice_pairs: list[tuple[float, float]],
+    mouth_pairs: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """A/V offset per burst from the exact frame index of every presented frame.
+
+    Onsets of mouth motion are found on 40 ms frames and blur a single burst by a frame or two.
+    But every presented frame carries its RTP timestamp (``requestVideoFrameCallback``), and
+    the server stamps frame ``k`` with ``k * 3600`` plus one random origin per stream: the
+    index differences are exact, and the origin is fixed by the motion-onset pairs (each pair
+    names a frame's index; the most common answer wins). Then, for every presented frame, the
+    video delay is its display time minus the time the microphone captured the instant the
+    frame shows (frame ``k`` shows media time ``40 k`` ms, the instant its first audio sample
+    plays: the design's sync point); the mapping from media time to the browser's clock is a
+    straight-line fit of the microphone's speech onsets (it absorbs any clock drift between
+    browser and server). The audio delay of a burst is the avatar's voice onset minus the
+    microphone's onset of the same speech, both measured in the browser by the same 5 ms level
+    detector. Offset per burst = median video delay of the frames within 1 s after the
+    burst's onset minus that burst's audio delay.
+    """
+    nan = float("nan")
+    empty: dict[str, Any] = {
+        "frame_delay_ms": nan,
+        "av_exact_offset_ms": nan,
+        "av_exact_bursts_ms": [],
+        "av_exact_burst_times_s": [],
+        "av_exact_drift_ms_per_min": nan,
+        "av_exact_halves_ms": [],
+        "rtp_anchor_agreement": 0.0,
+    }
+    if mouth.ndim != 2 or mouth.shape[1] < 3 or len(mic_pairs) < 3 or not mouth_pairs:
+        return empty
+    rtp = mouth[:, 2].astype(np.int64)
+    if not rtp.any():
+        return empty  # a browser without rtpTimestamp in requestVideoFrameCallback
+    d = (np.diff(rtp) + 2**31) % 2**32 - 2**31
+    ticks = np.concatenate([[0], np.cumsum(d)])
+    k_rel = np.rint(ticks / RTP_TICKS_PER_FRAME).astype(np.int64)  # frame index - origin
+    shown = mouth[:, 0] / 1000
+    # Origin: each motion-onset pair names the index of the frame presented at its onset.
+    cands = []
+    for m, b in mouth_pairs:
+        j = int(np.argmin(np.abs(shown - b)))
+        cands.append(round(m / 0.04) - int(k_rel[j]))
+    values, counts = np.unique(cands, return_counts=True)
+    origin = int(values[np.argmax(counts)])
+    agreement = float(counts.max() / len(cands))
+    media_t = (k_rel + origin) * 0.04  # the instant each presented frame shows
+    # media time -> browser clock, from the microphone's onsets (a line: drift included)
+    sp = np.array([m for m, _ in mic_pairs])
+    mic = np.array([b for _, b in mic_pairs])
+    slope, icpt = np.polyfit(sp, mic - sp, 1)
+    delay = shown - (media_t + icpt + slope * media_t)  # video delay of every presented frame
+    mic_by_speech = dict(mic_pairs)
+    av, av_t = [], []
+    for s0, v in voice_pairs:
+        if s0 not in mic_by_speech:
+            continue
+        near = (media_t >= s0) & (media_t < s0 + 1.0)
+        if near.sum() < 10:
+            continue
+        audio_delay = v - mic_by_speech[s0]
+        av.append(1000 * (float(np.median(delay[near])) - audio_delay))
+        av_t.append(s0 - sp[0])
+    late = [(t, a) for t, a in zip(av_t, av, strict=True) if t >= SETTLE_S]
+    drift = nan
+    if len(late) >= 3:
+        drift = float(np.polyfit([t for t, _ in late], [a for _, a in late], 1)[0] * 60)
+    half = len(late) // 2
+    halves = (
+        [
+            float(np.median([a for _, a in late[:half]])),
+            float(np.median([a for _, a in late[half:]])),
+        ]
+        if half
+        else []
+    )
+    return {
+        "frame_delay_ms": 1000 * float(np.median(delay)),
+        "av_exact_offset_ms": float(np.median(av)) if av else nan,
+        "av_exact_bursts_ms": av,
+        "av_exact_burst_times_s": av_t,
+        "av_exact_drift_ms_per_min": drift,
+        "av_exact_halves_ms": halves,
+        "rtp_anchor_agreement": agreement,
     }
 
 
@@ -458,6 +569,29 @@ def print_table(rep: Report) -> None:
                 "A/V offset p50, 1st half / 2nd half (ms)",
                 " / ".join(f"{x:.0f}" for x in b.av_halves_ms) or "n/a",
             ),
+            ("frame delay p50, exact frame index (ms)", f"{b.frame_delay_ms:.0f}"),
+            ("A/V offset p50, exact frame index (ms)", f"{b.av_exact_offset_ms:.0f}"),
+            (
+                "A/V offset per burst, exact, min..max (ms)",
+                f"{min(b.av_exact_bursts_ms):.0f}..{max(b.av_exact_bursts_ms):.0f}"
+                if b.av_exact_bursts_ms
+                else "n/a",
+            ),
+            (
+                "A/V offset per burst, exact, p5..p95 (ms)",
+                " .. ".join(f"{x:.0f}" for x in np.percentile(b.av_exact_bursts_ms, [5, 95]))
+                if b.av_exact_bursts_ms
+                else "n/a",
+            ),
+            (
+                f"A/V drift, exact, after {SETTLE_S:.0f} s (ms/min)",
+                f"{b.av_exact_drift_ms_per_min:.1f}",
+            ),
+            (
+                "A/V offset p50, exact, 1st half / 2nd half (ms)",
+                " / ".join(f"{x:.0f}" for x in b.av_exact_halves_ms) or "n/a",
+            ),
+            ("RTP origin agreement of motion onsets", f"{100 * b.rtp_anchor_agreement:.0f} %"),
             ("decoded fps (browser)", f"{b.decoded_fps:.1f}"),
             ("decoded fps, worst 5 s", f"{b.decoded_fps_min_5s:.1f}"),
             ("fresh fps (server)", str(b.server.get("display_fps"))),

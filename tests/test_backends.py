@@ -155,6 +155,25 @@ def test_onnxruntime_matches_eager(micro: Models, tmp_path: Path) -> None:
     assert said and all(m.startswith("cached") for m in said)
 
 
+def test_onnxruntime_spinning_policies(micro: Models, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (extra: export)")
+    x = _inputs(micro, 2, seed=5)
+    outs = []
+    for spin in ("run", "off", "on"):
+        loaded = get_backend("onnxruntime").load(
+            micro, "cpu", cache_dir=tmp_path, ort_spinning=spin
+        )
+        try:
+            with torch.inference_mode():
+                outs.append(loaded.denoiser(x["x_t"], x["t"], x["landmarks"], x["ref"]))
+        finally:
+            loaded.close()
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="ort_spinning"):
+        get_backend("onnxruntime").load(micro, "cpu", cache_dir=tmp_path, ort_spinning="fast")
+
+
 def test_compiled_backend_matches_eager_on_cpu(micro: Models) -> None:
     ok, why = get_backend("compiled").available("cpu")
     if not ok:
