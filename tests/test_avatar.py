@@ -391,3 +391,22 @@ def test_load_image_permission_error_is_input_error(
     monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(InputError, match="permission denied"):
         av.load_image(path, CFG)
+
+
+def test_weak_detection_beside_a_confident_face_is_ignored(
+    astronaut: np.ndarray, detector: DlibDetector, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Mirrored, cropped and scaled down, the photo gives dlib a second, larger but weak "face"
+    # on the suit below the real one.
+    img = Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1][20:480, 30:470]))
+    photo = np.asarray(img.resize((384, 402), Image.Resampling.BILINEAR))
+    faces = detector.detect(photo)
+    if len(faces) < 2:
+        pytest.skip("this dlib build finds only one face here; nothing to choose between")
+    real = max(faces, key=lambda f: f.score)
+    assert max(faces, key=lambda f: f.area) is not real  # "largest" alone would be wrong
+    with caplog.at_level(logging.WARNING, logger="talkstream.engine.avatar"):
+        a = av.prepare_avatar(photo, CFG, detector=detector, source_name="me.jpg")
+    assert "1 weak, ignored" in caplog.text
+    b = av.prepare_avatar(photo, CFG, landmarks=real.landmarks)
+    np.testing.assert_allclose(a.neutral, b.neutral, atol=1e-4)

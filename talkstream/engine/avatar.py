@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 # Bump when anything that changes the cached arrays changes (alignment, mask, crop sampling).
 CACHE_FORMAT_VERSION = 1
+# With several detections, those scoring under this share of the best one are ignored.
+WEAK_FACE_SCORE_RATIO = 0.25
 
 # Canonical layout, as a fraction of the crop from its top edge: the midpoint between the eye
 # midpoint and the mouth centre. Slightly above the centre, because the face extends further
@@ -504,8 +506,9 @@ def prepare_avatar(
         source_name: how messages name the image (e.g. its path).
 
     Returns:
-        The :class:`Avatar`. With several faces in the photo, the largest is used (a warning
-        is logged).
+        The :class:`Avatar`. With several faces in the photo, the largest of the confident ones
+        is used (detections scoring under a quarter of the best are ignored as false
+        positives); a warning is logged.
 
     Raises:
         InputError: no face found, or ``landmarks`` malformed or outside the image.
@@ -556,13 +559,19 @@ def prepare_avatar(
                 "frontal, well-lit face at least ~80 px wide, or pass its 68 landmarks as a "
                 "JSON file."
             )
-        best = max(faces, key=lambda f: f.area)
+        # Weak detections beside a confident one are false positives (a HOG detector finds
+        # "faces" in patterned clothing): among the rest, the largest face is the subject.
+        top = max(f.score for f in faces)
+        likely = [f for f in faces if top <= 0 or f.score >= WEAK_FACE_SCORE_RATIO * top]
+        best = max(likely, key=lambda f: f.area)
         if len(faces) > 1:
             x0, y0, x1, y1 = best.box
             logger.warning(
-                "found %d faces in %s; using the largest (box x %.0f-%.0f, y %.0f-%.0f)",
+                "found %d faces in %s (%d weak, ignored); using the largest "
+                "(box x %.0f-%.0f, y %.0f-%.0f)",
                 len(faces),
                 source_name,
+                len(faces) - len(likely),
                 x0,
                 x1,
                 y0,
