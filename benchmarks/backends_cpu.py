@@ -99,12 +99,27 @@ class Bench:
     frame: Any
 
 
+def _split_label(label: str) -> tuple[str, str | None]:
+    """``onnxruntime:off`` -> (``onnxruntime``, ``off``): a backend and its spinning policy."""
+    name, _, spin = label.partition(":")
+    return name, spin or None
+
+
 def setup(sc: Scenario, cache_dir: Path) -> Bench:
     """Build the engine and the callables; start-up (export, compile) is timed here."""
     torch.set_num_threads(sc.threads)
+    name, spin = _split_label(sc.backend)
+    if spin is not None:
+        # The engine passes no backend options through; this script sets the one it compares.
+        import functools
+
+        import talkstream.engine.pipeline as pipeline
+        from talkstream.export.backends import load_backend
+
+        pipeline.load_backend = functools.partial(load_backend, ort_spinning=spin)  # type: ignore[assignment]
     cfg = EngineConfig(
         preset=sc.preset,
-        backend=sc.backend,
+        backend=name,
         threads=sc.threads,
         avatar=AvatarConfig(cache_dir=cache_dir),
     )
@@ -167,14 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="write all samples here")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="time each backend in its own process (thread pools of different runtimes in one "
+        "process slow each other down), alternating backends for --rounds rounds",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="with --isolate: rounds of processes")
     a = p.parse_args(argv)
+    if a.isolate:
+        return isolated(a)
 
     print(f"load average before: {os.getloadavg()}; torch {torch.__version__}")
     benches: list[Bench] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for name in a.backends.split(","):
-                ok, why = get_backend(name).available("cpu", "float32")
+                ok, why = get_backend(_split_label(name)[0]).available("cpu", "float32")
                 if not ok:
                     print(f"skip {name}: {why}")
                     continue
@@ -186,6 +210,43 @@ def main(argv: list[str] | None = None) -> int:
             for b in benches:
                 b.engine.close()
     results = [b.result for b in benches]
+    return report(results, a.json)
+
+
+def isolated(a: argparse.Namespace) -> int:
+    """Each backend in a fresh process per round (A, B, A, B across rounds); samples merged."""
+    import subprocess
+
+    print(f"load average before: {os.getloadavg()}; torch {torch.__version__}; isolated")
+    merged: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(a.rounds):
+            for label in a.backends.split(","):
+                out = Path(tmp) / f"{rnd}-{label.replace(':', '_')}.json"
+                cmd = [
+                    sys.executable, __file__, "--backends", label, "--iters", str(a.iters),
+                    "--warmup", str(a.warmup), "--threads", str(a.threads), "--json", str(out),
+                ]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0 or not out.is_file():
+                    print(f"{label}: failed\n{done.stderr[-2000:]}")
+                    continue
+                for r in json.loads(out.read_text())["results"]:
+                    res = merged.setdefault(
+                        label,
+                        Result(
+                            Scenario(label, iters=a.iters, warmup=a.warmup, threads=a.threads), 0.0
+                        ),
+                    )
+                    res.setup_s = max(res.setup_s, r["setup_s"])
+                    res.step_ms += r["step_ms"]
+                    res.frame_ms += r["frame_ms"]
+                    print(f"  round {rnd}: {label:18s} step p50 {r['step']['p50_ms']:.2f} ms, "
+                          f"frame p50 {r['frame']['p50_ms']:.2f} ms", flush=True)  # fmt: skip
+    return report(list(merged.values()), a.json)
+
+
+def report(results: list[Result], json_out: Path | None) -> int:
     for res in results:
         r = res.summary()
         print(
@@ -206,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best: {best}: {speedup:.2f}x eager (target >= {TARGET_SPEEDUP}x: "
               f"{'met' if ok1 else 'NOT met'}); frame p50 {frame:.2f} ms "
               f"(target <= {TARGET_FRAME_MS} ms: {'met' if ok2 else 'NOT met'})")  # fmt: skip
-    if a.json is not None:
-        a.json.write_text(
+    if json_out is not None:
+        json_out.write_text(
             json.dumps(
                 {
                     "load_average_after": os.getloadavg(),
