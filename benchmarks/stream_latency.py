@@ -26,9 +26,10 @@ speech enters the lookahead, ~125 ms early), so:
 Onsets are found on 40 ms video frames, and on a loaded machine frames are skipped by deadline,
 so a single burst's A/V offset is uncertain by a frame or two; the median over bursts is not.
 
-Scenario 2 (concurrency): n in-process aiortc clients talk to the server at once, for n = 1, 2,
-...; frames "drop" when the server skips rendering them (deadline passed). The clients decode
-their video on the same 2 cores, so this is a lower bound for the server alone.
+Scenario 2 (concurrency): n aiortc clients (``benchmarks/stream_clients.py``, a process of their
+own) talk to the server at once, for n = 1, 2, ...; frames "drop" when the server skips
+rendering them (deadline passed). The clients decode their video on the same 2 cores, so this
+is a lower bound for the server alone.
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def build_engine(args: argparse.Namespace) -> Any:
 def stream_config(args: argparse.Namespace) -> Any:
     from talkstream.streaming.config import StreamConfig
 
+    lead = {} if args.audio_lead_ms is None else {"audio_lead_ms": args.audio_lead_ms}
     return StreamConfig(
-        compute_budget_ms=args.compute_budget_ms, jitter_budget_ms=args.jitter_budget_ms
+        compute_budget_ms=args.compute_budget_ms, jitter_budget_ms=args.jitter_budget_ms, **lead
     )
 
 
@@ -497,41 +499,36 @@ def exact_av(
 async def concurrency_scenario(
     args: argparse.Namespace, engine: Any, avatar: Any
 ) -> list[ConcurrencyLevel]:
-    import aiohttp
-
-    from talkstream.streaming.client import SpeechTrack, connect
+    import sys
 
     levels = []
-    # Voiced syllables (3 per second) on a 180 Hz buzz: speech-like, and the same every run.
-    t = np.arange(48000 * 4) / 48000
-    sig = (0.6 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(
-        np.float32
-    )
+    clients_py = Path(__file__).with_name("stream_clients.py")
     for n in range(1, args.max_concurrent + 1):
-        async with (
-            server(engine, avatar, max_sessions=n, stream=stream_config(args)) as (url, manager),
-            aiohttp.ClientSession() as http,
+        async with server(engine, avatar, max_sessions=n, stream=stream_config(args)) as (
+            url,
+            manager,
         ):
-            clients = [
-                await connect(url, mic=SpeechTrack(sig, loop=True), session=http) for _ in range(n)
-            ]
+            # The clients run in their own process: their video decoders must not share this
+            # interpreter (and its GIL) with the server being measured.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(clients_py), url, str(n), str(2.0 + args.level_s + 1.0),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            ids = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))["ids"]
             await asyncio.sleep(2.0)  # settle
-            base = {
-                c.session_id: dict(manager.get_peer(c.session_id).stream.snapshot())
-                for c in clients
-            }
+            base = {sid: dict(manager.get_peer(sid).stream.snapshot()) for sid in ids}
             await asyncio.sleep(args.level_s)
             rendered = skipped = 0
             render_ms = []
-            for c in clients:
-                s = manager.get_peer(c.session_id).stream.snapshot()
-                b = base[c.session_id]
+            for sid in ids:
+                s = manager.get_peer(sid).stream.snapshot()
+                b = base[sid]
                 rendered += int(s["frames_rendered"]) - int(b["frames_rendered"])
                 skipped += int(s["frames_skipped"]) - int(b["frames_skipped"])
                 render_ms.append(float(s["render_ms"]))
-            fps = [round(c.received.fps(last_s=args.level_s), 2) for c in clients]
-            for c in clients:
-                await c.close()
+            fps = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))["fps"]
+            await proc.wait()
         drop = skipped / max(rendered + skipped, 1)
         levels.append(ConcurrencyLevel(n, fps, rendered, skipped, drop, float(np.mean(render_ms))))
         print(
@@ -643,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--compute-budget-ms", type=float, default=60.0)
     ap.add_argument("--jitter-budget-ms", type=float, default=40.0)
+    ap.add_argument("--audio-lead-ms", type=float, default=None, help="default: the server's")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument(
         "--checkpoint", type=Path, default=None, help="trained checkpoint (default: random tiny)"

@@ -286,3 +286,23 @@ async def test_a_slow_render_does_not_lock_the_stream_into_skipping(
         st._relax_render_estimate()
     assert 50.0 < st.stats.render_ms_ema < 51.0
     await st.close()
+
+
+@pytest.mark.parametrize("lead_ms", [0.0, 100.0])
+async def test_audio_lead_sends_the_voice_ahead_of_its_media_time(
+    tiny_engine: Engine, default_avatar: Avatar, lead_ms: float
+) -> None:
+    st = _stream(tiny_engine, default_avatar, "presenter", audio_lead_ms=lead_ms)
+    st.push_speech(speechlike(48000, rate=48000), 48000)
+    st.start()
+    audio = AvatarAudioTrack(st)
+    early = []
+    for _ in range(15):
+        f = await audio.recv()
+        # When the frame left the track, against when its first sample is due to play.
+        early.append(st.clock.play_time(int(f.pts or 0)) - st.clock.now())
+    await st.close()
+    got = float(np.median(early[3:]))  # after the first frames (start-up)
+    assert got == pytest.approx(lead_ms / 1000, abs=0.015)
+    with pytest.raises(ValueError, match="audio_lead_ms"):
+        StreamConfig(audio_lead_ms=-5)

@@ -28,6 +28,8 @@ def add_parser(
     engine_config: Callable[[argparse.Namespace], EngineConfig],
 ) -> None:
     """Register ``serve`` on the ``talkstream`` command's subparsers."""
+    from talkstream.streaming.config import StreamConfig  # no aiortc: safe for --help
+
     p = sub.add_parser(
         "serve",
         help="serve the live avatar over WebRTC (open the printed address in a browser)",
@@ -73,6 +75,13 @@ def add_parser(
         help="how late microphone audio may arrive, part of the output delay (40)",
     )
     p.add_argument(
+        "--audio-lead-ms",
+        type=float,
+        default=StreamConfig.audio_lead_ms,
+        help="send the voice this much ahead of its frames, to make up for a receiver whose "
+        f"audio path is longer than its video path ({StreamConfig.audio_lead_ms:g})",
+    )
+    p.add_argument(
         "--ice-loopback-only",
         action="store_true",
         help="use only 127.0.0.1 for WebRTC (browser on this machine, started with "
@@ -116,7 +125,9 @@ def _serve_config(
         landmarks=a.landmarks,
         ice_loopback_only=a.ice_loopback_only,
         stream=stream_cls(
-            compute_budget_ms=a.compute_budget_ms, jitter_budget_ms=a.jitter_budget_ms
+            compute_budget_ms=a.compute_budget_ms,
+            jitter_budget_ms=a.jitter_budget_ms,
+            audio_lead_ms=a.audio_lead_ms,
         ),
         engine=engine_config(a),
     )

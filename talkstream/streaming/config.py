@@ -39,8 +39,16 @@ class StreamConfig:
     max_input_ahead_ms: float = 1000.0
     # Timeline kept for the delayed audio replay; must exceed the latency budget.
     replay_buffer_s: float = 4.0
+    # The avatar's voice is sent this much ahead of its frames, for receivers whose audio path
+    # is longer than their video path and that do not correct it themselves. Chromium does (its
+    # lip sync reacts to differences over ~30 ms): on loopback a 25 ms lead left frames 17 ms
+    # late, a 15 ms lead 23 ms late and 45 ms more frame delay, against 29 ms early with no lead
+    # (benchmarks/RESULTS.md); so by default both tracks are sent in step.
+    audio_lead_ms: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.audio_lead_ms <= 200:
+            raise ValueError(f"audio_lead_ms must be in 0..200, got {self.audio_lead_ms!r}")
         for name in ("jitter_budget_ms", "compute_budget_ms", "presenter_lead_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -66,8 +66,9 @@ SPEECH_RMS = 0.01
 # every tick (20 ms): about halfway back to the budget in 60 ms.
 RELAX_AFTER_S = 0.2
 RELAX_FACTOR = 0.8
-# Entries kept in a stream's trace (per rendered frame / per input chunk): minutes of history.
-TRACE_LEN = 15_000
+# Entries kept in a stream's trace (per rendered frame / per input chunk of 20 ms): 15 minutes
+# of input, enough for a 10-minute benchmark session (15_000 covered only its last 5 minutes).
+TRACE_LEN = 45_000
 
 
 class QueueFullError(ValueError):
@@ -592,7 +593,7 @@ class AvatarAudioTrack(MediaStreamTrack):
             now_pos = math.floor(clock.output_position())
             self._pos = max(now_pos - now_pos % AUDIO_PTIME_SAMPLES, 0)
         pos = self._pos
-        late = await clock.sleep_until(clock.play_time(pos))
+        late = await clock.sleep_until(clock.play_time(pos) - stream.cfg.audio_lead_ms / 1000)
         if stream.closed:
             raise MediaStreamError
         if late > MAX_TRACK_LAG_S:
