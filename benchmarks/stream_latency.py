@@ -149,6 +149,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         idle=IdleConfig(enabled=False),
         lookahead_frames=args.lookahead,
         checkpoint=args.checkpoint,
+        backend=args.backend,
     )
     if args.checkpoint is not None:
         return Engine(cfg)
@@ -638,10 +639,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--lookahead", type=int, default=None, help="lookahead frames (default: the model's)"
     )
-    ap.add_argument("--compute-budget-ms", type=float, default=60.0)
+    ap.add_argument("--compute-budget-ms", type=float, default=40.0, help="the server's default")
     ap.add_argument("--jitter-budget-ms", type=float, default=40.0)
     ap.add_argument("--audio-lead-ms", type=float, default=None, help="default: the server's")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument(
+        "--backend", default="torch", help="the engine's backend (torch, onnxruntime, auto, ...)"
+    )
     ap.add_argument(
         "--checkpoint", type=Path, default=None, help="trained checkpoint (default: random tiny)"
     )

@@ -64,8 +64,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
             # talkstream.export.backends.backend_names(), spelled out so that parsing argv does
             # not import torch (a test keeps the two lists equal).
             choices=["torch", "compiled", "onnxruntime", "tensorrt", "auto"],
-            help="what runs motion + denoiser (default torch); auto: the fastest available "
-            "here, see `talkstream doctor`",
+            help="what runs motion + denoiser (default torch; serve: auto); auto: the fastest "
+            "available here, see `talkstream doctor`",
         )
     except argparse.ArgumentError:
         # The subcommand defines its own --backend (bench compares several) and reads it

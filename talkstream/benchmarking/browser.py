@@ -984,6 +984,7 @@ def local_server(
             "device": engine.cfg.device,
             "idle": False,
             "warm_up_s": round(warm_s, 2),
+            "backend": engine.backend.describe(),
         }
         with serve_in_background(engine, avatar) as url:
             yield url, info

@@ -7,6 +7,7 @@ Registered by ``talkstream.cli`` through :func:`add_parser`. Importing this modu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -569,7 +570,10 @@ def _run_browser(
         out_dir,
         duration_s=ns.duration,
         speech_wav=ns.speech_wav,
-        engine_config=base,
+        # A local server runs the first backend asked for.
+        engine_config=dataclasses.replace(
+            base, backend=ns.backend.split(",")[0].strip() or "torch"
+        ),
     )
     save()
     sys.stdout.write("\n" + render_markdown(result["browser"]))
