@@ -315,6 +315,26 @@ async def browser_scenario(
     )
 
 
+def trend(times_s: list[float], offsets_ms: list[float]) -> tuple[float, list[float]]:
+    """Drift of per-burst A/V offsets after :data:`SETTLE_S` (ms per minute, a line fit; NaN
+    with fewer than 3 bursts) and, a robust view of it, the median offset of the first and the
+    second half of those bursts ([] with fewer than 2)."""
+    late = [(t, a) for t, a in zip(times_s, offsets_ms, strict=True) if t >= SETTLE_S]
+    drift = float("nan")
+    if len(late) >= 3:
+        drift = float(np.polyfit([t for t, _ in late], [a for _, a in late], 1)[0] * 60)
+    half = len(late) // 2
+    halves = (
+        [
+            float(np.median([a for _, a in late[:half]])),
+            float(np.median([a for _, a in late[half:]])),
+        ]
+        if half
+        else []
+    )
+    return drift, halves
+
+
 def analyse(probe: dict[str, Any], trace: dict[str, Any]) -> dict[str, Any]:
     """Map media time (the server's timeline) to the browser's clock, burst by burst, for the
     microphone (speech onsets), the avatar's voice (speech onsets) and the video (onsets of
@@ -372,20 +392,7 @@ def analyse(probe: dict[str, Any], trace: dict[str, Any]) -> dict[str, Any]:
             sp = owners[0]
             av.append(1000 * ((b - m) - (voice_by_speech[sp] - sp)))
             av_t.append(sp - speech_media[0])
-    late = [(t, a) for t, a in zip(av_t, av, strict=True) if t >= SETTLE_S]
-    drift = nan
-    if len(late) >= 3:
-        drift = float(np.polyfit([t for t, _ in late], [a for _, a in late], 1)[0] * 60)
-    # A robust view of drift: the median offset of the first and the second half of the bursts.
-    half = len(late) // 2
-    halves = (
-        [
-            float(np.median([a for _, a in late[:half]])),
-            float(np.median([a for _, a in late[half:]])),
-        ]
-        if half
-        else []
-    )
+    drift, halves = trend(av_t, av)
     exact = exact_av(mouth, mic_pairs, voice_pairs, mouth_pairs)
     return {
         **exact,
@@ -470,19 +477,7 @@ def exact_av(
         audio_delay = v - mic_by_speech[s0]
         av.append(1000 * (float(np.median(delay[near])) - audio_delay))
         av_t.append(s0 - sp[0])
-    late = [(t, a) for t, a in zip(av_t, av, strict=True) if t >= SETTLE_S]
-    drift = nan
-    if len(late) >= 3:
-        drift = float(np.polyfit([t for t, _ in late], [a for _, a in late], 1)[0] * 60)
-    half = len(late) // 2
-    halves = (
-        [
-            float(np.median([a for _, a in late[:half]])),
-            float(np.median([a for _, a in late[half:]])),
-        ]
-        if half
-        else []
-    )
+    drift, halves = trend(av_t, av)
     return {
         "frame_delay_ms": 1000 * float(np.median(delay)),
         "av_exact_offset_ms": float(np.median(av)) if av else nan,

@@ -557,33 +557,34 @@ def _check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
         path.write_text(json.dumps(new, indent=1))
 
 
+def _corpus_summary(path: Path) -> dict[str, Any] | None:
+    """Where a corpus is, its seed, length and splits (None if it has no manifest yet)."""
+    if not (path / "manifest.json").is_file():
+        return None
+    m = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    return {
+        "path": str(path),
+        "seed": m.get("seed"),
+        "duration_s": m.get("duration_s"),
+        "splits": {
+            k: {"clips": v["clips"], "duration_s": v["duration_s"]}
+            for k, v in m.get("splits", {}).items()
+        },
+    }
+
+
 def _data_summary(cfg: TrainConfig, data: TrainData | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     corpus = corpus_dir(cfg)
-    if corpus is not None and (corpus / "manifest.json").is_file():
-        m = json.loads((corpus / "manifest.json").read_text(encoding="utf-8"))
-        out["corpus"] = {
-            "path": str(corpus),
-            "seed": m.get("seed"),
-            "duration_s": m.get("duration_s"),
-            "splits": {
-                k: {"clips": v["clips"], "duration_s": v["duration_s"]}
-                for k, v in m.get("splits", {}).items()
-            },
-            "image": cfg.data.build.image if cfg.data.build and cfg.data.corpus is None else None,
-        }
+    summary = _corpus_summary(corpus) if corpus is not None else None
+    if summary is not None:
+        b = cfg.data.build
+        image = b.image if b is not None and cfg.data.corpus is None else None
+        out["corpus"] = {**summary, "image": image}
     mcorpus = motion_corpus_dir(cfg)
-    if mcorpus is not None and (mcorpus / "manifest.json").is_file():
-        m = json.loads((mcorpus / "manifest.json").read_text(encoding="utf-8"))
-        out["motion_corpus"] = {
-            "path": str(mcorpus),
-            "seed": m.get("seed"),
-            "duration_s": m.get("duration_s"),
-            "splits": {
-                k: {"clips": v["clips"], "duration_s": v["duration_s"]}
-                for k, v in m.get("splits", {}).items()
-            },
-        }
+    summary = _corpus_summary(mcorpus) if mcorpus is not None else None
+    if summary is not None:
+        out["motion_corpus"] = summary
     if cfg.data.videos is not None:
         out["videos"] = str(cfg.data.videos)
     if data is not None:
