@@ -100,7 +100,7 @@ class LoadOptions:
     # that paste-back and the encoder need next).
     ort_spinning: str = "run"
     # onnxruntime runs AudioToMotion on one thread: its ops are too small to split, and waking a
-    # second thread for each cost more than it saved (0.54 vs 0.71 ms per call, 2-core CPU).
+    # second thread for each cost more than it saved (benchmarks/experiments/ort_spin_parts.py).
     ort_motion_one_thread: bool = True
     progress: Callable[[str], None] | None = None  # one line per build step; None: log.info
 
@@ -302,8 +302,9 @@ class CompiledModels(LoadedModels):
             compile_kw["mode"] = self.mode
         else:
             # Freezing: weights become constants, so inductor folds them and pre-packs the
-            # convolution weights for oneDNN (1.03x -> 1.28x over eager for the tiny denoiser
-            # on the 2-core dev CPU, one thread). Inference only, which is all we do.
+            # convolution weights for oneDNN (1.03x -> 1.28x over eager for the tiny denoiser on
+            # the 2-core dev CPU, one thread: benchmarks/experiments/compile_freeze.py).
+            # Inference only, which is all we do.
             compile_kw["options"] = {"freezing": True}
         self._motion = torch.compile(self.motion_module, **compile_kw)
         self._denoiser = torch.compile(self.denoiser_module, **compile_kw)
