@@ -14,23 +14,26 @@ import soundfile as sf
 from talkstream.engine.avatar import Avatar, default_image, default_landmarks
 from talkstream.engine.motion import frames_for_samples
 from talkstream.errors import InputError
-from talkstream.training.espeak import espeak_available
-from talkstream.training.synthetic import (
-    _CONSTRAINED_EDGES,
-    CORPUS_FORMAT,
+from talkstream.training import clipformat, synthetic
+from talkstream.training import frames as frames_module
+from talkstream.training.clipformat import (
     ClipSpec,
+    decode_frames,
+    encode_frames,
+    frame_times,
+    read_clip,
+)
+from talkstream.training.espeak import espeak_available
+from talkstream.training.frames import _CONSTRAINED_EDGES, FrameRenderer
+from talkstream.training.synthetic import (
+    CORPUS_FORMAT,
     CorpusConfig,
-    FrameRenderer,
     _existing_clip,
     _split_plan,
     add_corpus_parser,
     build_corpus,
     corpus_digest,
-    decode_frames,
-    encode_frames,
-    frame_times,
     load_sentences,
-    read_clip,
 )
 from talkstream.training.visemes import VISEME_INDEX, VISEMES, MouthGeometry, params_to_landmarks
 
@@ -123,6 +126,18 @@ def test_frame_codec_round_trip() -> None:
     assert np.array_equal(decode_frames(encode_frames(frames, ref), ref), frames)
     empty = np.zeros((0, 8, 8, 3), np.uint8)
     assert decode_frames(encode_frames(empty, ref), ref).shape == (0, 8, 8, 3)
+
+
+def test_moved_names_are_still_importable_from_synthetic() -> None:
+    # The renderer and the clip format moved out of synthetic.py; old imports must keep working.
+    for module, names in (
+        (frames_module, ["FrameRenderer", "MouthStyle", "constrained_triangulation"]),
+        (frames_module, ["_CONSTRAINED_EDGES"]),
+        (clipformat, ["ClipSpec", "decode_frames", "encode_frames", "frame_times", "read_clip"]),
+    ):
+        for name in names:
+            assert getattr(synthetic, name) is getattr(module, name), name
+    assert clipformat.FRAME_MS == synthetic.FRAME_MS == 40
 
 
 def test_sentences_asset() -> None:

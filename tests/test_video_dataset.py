@@ -30,7 +30,7 @@ def _openings(n: int) -> np.ndarray:
 
 def _write_mp4(path: Path, with_audio: bool = True) -> np.ndarray:
     """Encode the test clip; returns the true inner-lip opening (crop px) per source frame."""
-    from talkstream.training.synthetic import FrameRenderer
+    from talkstream.training.frames import FrameRenderer
     from talkstream.training.visemes import MouthGeometry, params_to_landmarks
 
     avatar = prepare_avatar(default_image(), AvatarConfig(), landmarks=default_landmarks())

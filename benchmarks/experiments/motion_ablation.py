@@ -27,10 +27,10 @@ from talkstream.config import AudioConfig
 from talkstream.engine.audio import log_mel
 from talkstream.engine.avatar import crop_px_to_norm, norm_to_crop_px
 from talkstream.engine.motion import AudioToMotion, MotionConfig, predict_offline, silence_level
+from talkstream.training.clipformat import read_clip
 from talkstream.training.dataset import concat_datasets, load_corpus, read_wav_16k
 from talkstream.training.evaluate import _LIPS, _MOTION, inner_lip_opening, pearson
 from talkstream.training.losses import motion_loss
-from talkstream.training.synthetic import read_clip
 from talkstream.training.trainer import pick_lookahead
 
 p = argparse.ArgumentParser()

@@ -214,7 +214,7 @@ class _Clip:
 
 
 def _load_clips(cfg: EvalConfig) -> tuple[dict[str, Any], np.ndarray, list[_Clip]]:
-    from talkstream.training.synthetic import frame_times, read_clip
+    from talkstream.training.clipformat import frame_times, read_clip
 
     root = Path(cfg.corpus)
     try:
