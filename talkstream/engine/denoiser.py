@@ -62,6 +62,11 @@ class DenoiserConfig:
     flow_limit: float = 0.25  # largest flow, normalised units (0.25 = 1/8 of the crop)
     norm_groups: int = 8
     ref_blocks: int = 1  # residual blocks per level of the reference encoder (runs once)
+    # Pixel-space warp of the reference photo as the output's base: the head predicts a flow,
+    # a blend mask and the generated image; the output is the warped photo where the mask is
+    # 1 and the generated pixels elsewhere (the mouth interior). Identity comes from the photo.
+    pixel_warp: bool = True
+    pixel_flow_limit: float = 0.3  # largest pixel flow, normalised units
 
     def __post_init__(self) -> None:
         levels = len(self.widths)
@@ -117,6 +122,8 @@ class DenoiserConfig:
         kwargs: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
         }
+        # Checkpoints written before the pixel warp existed have no such head.
+        kwargs.setdefault("pixel_warp", False)
         return cls(**kwargs)
 
 
@@ -350,6 +357,14 @@ class TalkFormerDenoiser(nn.Module):
 
         self.out_norm = nn.GroupNorm(groups, w0)
         self.out_conv = nn.Conv2d(w0, p2c, 3, padding=1)
+        if cfg.pixel_warp:
+            # Flow (2) and blend-mask logit (1) at S/p, upsampled bilinearly to S: a smooth
+            # field, so the warped photo has no patch grid. Zero flow and a mask of
+            # sigmoid(3) = 0.95 at init: training starts from "copy the photo".
+            self.pixel_head = nn.Conv2d(w0, 3, 3, padding=1)
+            nn.init.zeros_(self.pixel_head.weight)
+            with torch.no_grad():
+                self.pixel_head.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))
 
     def encode_reference(self, ref_image: Tensor) -> ReferenceFeatures:
         """Encode the avatar's reference crop (B, 3, S, S) in [-1, 1] (once per avatar)."""
@@ -388,8 +403,17 @@ class TalkFormerDenoiser(nn.Module):
             h = torch.cat((h, skips[lvl]), dim=1)  # (B, 2 w_l, H_l, W_l)
             h = self.dec_stages[i](h, tokens, temb)  # (B, w_l, H_l, W_l)
 
-        h = self.out_conv(F.silu(self.out_norm(h)))  # (B, 3p^2, S/p, S/p)
-        return F.pixel_shuffle(h, cfg.patch)  # (B, 3, S, S)
+        h = F.silu(self.out_norm(h))  # (B, w0, S/p, S/p)
+        gen = F.pixel_shuffle(self.out_conv(h), cfg.patch)  # (B, 3, S, S)
+        if not cfg.pixel_warp:
+            return gen
+        raw = F.interpolate(
+            self.pixel_head(h), scale_factor=float(cfg.patch), mode="bilinear", align_corners=False
+        )  # (B, 3, S, S)
+        flow = torch.tanh(raw[:, :2]) * cfg.pixel_flow_limit  # (B, 2, S, S)
+        mask = torch.sigmoid(raw[:, 2:])  # (B, 1, S, S)
+        photo = F.pixel_shuffle(ref.patches, cfg.patch).expand(b, -1, -1, -1)  # (B, 3, S, S)
+        return warp_blend(gen, photo, flow, mask)  # (B, 3, S, S)
 
     def _check_image(self, name: str, img: Tensor) -> None:
         s, c = self.cfg.image_size, self.cfg.image_channels

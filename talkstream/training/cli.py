@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,14 @@ def add_parser(
         help="stages to run (default: those of the config; 'all' = every stage)",
     )
     t.add_argument("--out", type=Path, default=None, help="run folder (overrides 'out')")
+    t.add_argument(
+        "--faces",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of portrait photos (one person per file or sub-folder): train the renderer "
+        "on every usable face (overrides 'data.faces'; e.g. shared/data/faces/bioguide)",
+    )
     t.add_argument("--export", type=Path, default=None, help="also write the final checkpoint here")
     t.add_argument(
         "--set",
@@ -178,6 +187,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
         overrides.append(f"stages={json.dumps(stages)}")
     if a.out is not None:
         overrides.append(f"out={json.dumps(str(a.out))}")
+    if a.faces is not None:
+        if not a.faces.is_dir():
+            print(f"error: --faces {a.faces}: no such folder", file=sys.stderr)
+            return 2
+        overrides.append(f"data.faces={json.dumps(str(a.faces))}")
     if a.export is not None:
         overrides.append(f"export={json.dumps(str(a.export))}")
     if a.device is not None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from talkstream.training.augment import AugmentConfig
+
 __all__ = [
     "STAGES",
     "CorpusBuildConfig",
@@ -75,6 +77,14 @@ class DataConfig:
     video_cache: str | None = None  # their preprocessed cache; None: RUN/video_cache
     # Random level change of the audio per sample (+-dB, uniform): microphones differ.
     gain_jitter_db: float = 6.0
+    # A folder of portrait photos (one person per file or per sub-folder): the renderer then
+    # trains on every usable face in it (talking frames rendered on the fly from the corpus'
+    # mouth motion), and the motion model on every face shape. None: the corpus' one face.
+    faces: str | None = None
+    faces_cache: str | None = None  # the aligned face set; None: RUN/faces
+    faces_heldout: float = 0.05  # fraction of identities never trained on
+    faces_max: int | None = None  # use only the first N photos (quick runs, tests)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)

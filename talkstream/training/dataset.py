@@ -59,6 +59,7 @@ class TrainClip:
     neutral: np.ndarray  # (68, 2) float32
     ref: int  # index into TrainData.references
     frames: np.ndarray | None  # (T, S, S, 3) uint8, None when frames were not loaded
+    params: np.ndarray | None = None  # (T, 5) mouth parameters (synthetic corpus only)
 
     @property
     def n_frames(self) -> int:
@@ -314,6 +315,9 @@ def load_corpus(
                 neutral=neutral,
                 ref=0,
                 frames=arrays["frames"] if frames else None,
+                params=np.asarray(arrays["params"], dtype=np.float32)
+                if "params" in arrays
+                else None,
             )
         )
     if not clips:
@@ -380,7 +384,10 @@ def concat_datasets(parts: list[TrainData]) -> TrainData:
         base = sum(len(r) for r in refs)
         for c in p.clips:
             clips.append(
-                TrainClip(c.name, c.mel, c.landmarks, c.speech, c.neutral, c.ref + base, c.frames)
+                TrainClip(
+                    c.name, c.mel, c.landmarks, c.speech, c.neutral, c.ref + base, c.frames,
+                    c.params,
+                )
             )
         refs.append(p.references)
     return TrainData(clips, np.concatenate(refs), parts[0].audio)

@@ -49,7 +49,8 @@ from talkstream.training.config import (
     TrainConfig,
     config_to_dict,
 )
-from talkstream.training.dataset import TrainData, concat_datasets, load_dataset
+from talkstream.training.dataset import FrameBatch, TrainData, concat_datasets, load_dataset
+from talkstream.training.faces import FaceSet, FaceSetConfig, build_face_set
 from talkstream.training.distill import (
     StudentTask,
     build_pool,
@@ -58,6 +59,7 @@ from talkstream.training.distill import (
 )
 from talkstream.training.loop import DistInfo, StageContext, StepRandom, run_stage
 from talkstream.training.losses import image_loss, motion_loss, mouth_weight_map
+from talkstream.training.talking import AnyFaceMotion, Prefetcher, TalkingFaces
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +308,51 @@ def _build_corpus(cfg: TrainConfig, out: Path, minutes: float, frames: bool) -> 
     log.info("corpus: %d clips, %.1f min in %s", res.clips, res.duration_s / 60, out)
 
 
+def faces_dir(cfg: TrainConfig) -> Path | None:
+    """Where the aligned face set of ``data.faces`` is cached."""
+    if cfg.data.faces is None:
+        return None
+    return Path(cfg.data.faces_cache or Path(cfg.out) / "faces")
+
+
+def prepare_faces(cfg: TrainConfig, dist: DistInfo) -> FaceSet | None:
+    """The training identities of ``data.faces`` (built on rank 0, cached), or None."""
+    out = faces_dir(cfg)
+    if out is None:
+        return None
+    assert cfg.data.faces is not None
+    fcfg = FaceSetConfig(
+        crop_size=_arch(cfg)[1].image_size,
+        heldout_fraction=cfg.data.faces_heldout,
+        max_photos=cfg.data.faces_max,
+        workers=max(1, cfg.threads),
+    )
+    if dist.is_main:
+        build_face_set(cfg.data.faces, out, fcfg, progress=cfg.progress)
+    dist.barrier()
+    fs = build_face_set(cfg.data.faces, out, fcfg, progress=False)
+    train = fs.subset("train")
+    if len(train) == 0:
+        raise TalkstreamError(f"no training identities in {cfg.data.faces} (all held out)")
+    return train
+
+
 def prepare_data(cfg: TrainConfig, dist: DistInfo, audio: AudioConfig) -> TrainData:
     """Build (rank 0) or find the data a config names, and load its training split."""
     parts: list[TrainData] = []
     corpus = corpus_dir(cfg)
+    faces = prepare_faces(cfg, dist)
+    if faces is not None:
+        # Every identity talks with the corpus' speech and mouth motion; frames are rendered
+        # on the fly, so the corpus needs none.
+        if corpus is None:
+            raise TalkstreamError("data.faces needs a corpus: set data.build or data.corpus")
+        if cfg.data.corpus is None and dist.is_main:
+            assert cfg.data.build is not None
+            _build_corpus(cfg, corpus, cfg.data.build.minutes, frames=False)
+        dist.barrier()
+        base = load_dataset(corpus, "train", audio, frames=False)
+        return TalkingFaces(base, faces, cfg.data.augment, seed=cfg.seed)
     if corpus is not None:
         if cfg.data.corpus is None and dist.is_main:
             assert cfg.data.build is not None
@@ -346,6 +389,7 @@ def prepare_motion_data(
     """The motion stage's data: its own corpus (audio and landmarks) if the config names or
     builds one, else ``data``. Real videos, if any, stay in (their mouths are real)."""
     path = motion_corpus_dir(cfg)
+    faces = data.faces if isinstance(data, TalkingFaces) else None
     if path is None:
         return data
     if cfg.data.motion_corpus is None and dist.is_main:
@@ -365,7 +409,10 @@ def prepare_motion_data(
     if cfg.data.videos is not None:
         cache = Path(cfg.data.video_cache or Path(cfg.out) / "video_cache")
         parts.append(load_dataset(cache, "train", audio, frames=False))
-    return concat_datasets(parts)
+    merged = concat_datasets(parts)
+    if faces is not None and all(c.params is not None for c in merged.clips):
+        return AnyFaceMotion(merged, faces)
+    return merged
 
 
 # ----------------------------------------------------------------------------- stages
@@ -430,8 +477,10 @@ def _run_teacher(
     dev = ctx.device
     s = data.crop_size
 
+    batches, close = _frame_batches(ctx, "teacher", st.steps, data, n_local)
+
     def make(step: int, rnd: StepRandom) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        b = data.frame_batch(rnd.data, n_local)
+        b = batches(step, rnd)
         t = schedule.sample_timesteps(n_local, rnd.torch)
         noise = torch.randn((n_local, 3, s, s), generator=rnd.torch)
         ri = None if b.ref_index is None else b.ref_index.to(dev)
@@ -439,9 +488,12 @@ def _run_teacher(
         return args, {}
 
     groups = [{"params": list(nets.teacher.parameters()), "lr": st.lr}]
-    summary = run_stage(
-        ctx, "teacher", st, task, groups, {"denoiser": nets.teacher}, make, st.batch
-    )
+    try:
+        summary = run_stage(
+            ctx, "teacher", st, task, groups, {"denoiser": nets.teacher}, make, st.batch
+        )
+    finally:
+        close()
     nets.teacher_trained = True
     return summary
 
@@ -483,8 +535,12 @@ def _run_e2e(ctx: StageContext, cfg: TrainConfig, nets: Nets, data: TrainData) -
     dev = ctx.device
     s = data.crop_size
 
+    batches, close = _frame_batches(
+        ctx, "e2e", st.steps, data, n_local, mcfg, cfg.data.gain_jitter_db
+    )
+
     def make(step: int, rnd: StepRandom) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        b = data.frame_batch(rnd.data, n_local, mcfg, cfg.data.gain_jitter_db)
+        b = batches(step, rnd)
         assert b.windows is not None and b.neutral is not None
         assert b.speech_target is not None and b.idle is not None
         noise = torch.randn((n_local, 3, s, s), generator=rnd.torch)
@@ -511,7 +567,36 @@ def _run_e2e(ctx: StageContext, cfg: TrainConfig, nets: Nets, data: TrainData) -
         {"params": list(nets.student.parameters()), "lr": st.lr},
     ]
     exported = {"motion": nets.motion, "denoiser": nets.student}
-    return run_stage(ctx, "e2e", st, task, groups, exported, make, st.batch)
+    try:
+        return run_stage(ctx, "e2e", st, task, groups, exported, make, st.batch)
+    finally:
+        close()
+
+
+def _frame_batches(
+    ctx: StageContext,
+    stage: str,
+    steps: int,
+    data: TrainData,
+    n: int,
+    mcfg: MotionConfig | None = None,
+    gain_db: float = 0.0,
+) -> tuple[Callable[[int, StepRandom], FrameBatch], Callable[[], None]]:
+    """``(step, rnd) -> FrameBatch`` for a stage, and a close function.
+
+    Frames rendered on the fly (:class:`TalkingFaces`) are built for the next steps in a
+    worker process while this one trains; the batch of a step is the same either way.
+    """
+    if not isinstance(data, TalkingFaces):
+        return (lambda step, rnd: data.frame_batch(rnd.data, n, mcfg, gain_db)), (lambda: None)
+    seed, rank = ctx.seed, ctx.dist.rank
+
+    def job(step: int) -> dict[str, np.ndarray]:
+        rnd = StepRandom.for_step(seed, stage, step, rank)
+        return data.frame_arrays(rnd.data, n, mcfg, gain_db)
+
+    pre = Prefetcher(job, 0, steps)
+    return (lambda step, rnd: data.batch_from_arrays(pre.get(step))), pre.close
 
 
 _RUNNERS: dict[str, Callable[[StageContext, TrainConfig, Nets, TrainData], dict[str, Any]]] = {
