@@ -101,12 +101,18 @@ def check_face(
     # the outer one and both outlines turning the same way.
     down = np.array([-eye_vec[1], eye_vec[0]]) / max(eye_d, 1e-9)  # unit, towards the chin
     below_nose = float(np.dot(p[51] - p[33], down)) > 0.0
-    in_jaw = 0.0 < float(np.dot(p[48] - p[0], jaw_vec)) and float(np.dot(p[54] - p[16], jaw_vec)) < 0
+    in_jaw = (
+        float(np.dot(p[48] - p[0], jaw_vec)) > 0.0 and float(np.dot(p[54] - p[16], jaw_vec)) < 0
+    )
     a_out, a_in = _polygon_area(outer), _polygon_area(inner)
     same_turn = a_out * a_in >= 0.0 and abs(a_in) <= abs(a_out) + 1e-6
-    if not (lo <= ratio <= hi and below_nose and in_jaw and same_turn and _cross(
-        p[54] - p[48], p[57] - p[48]
-    ) * _cross(eye_vec, down) > 0):
+    if not (
+        lo <= ratio <= hi
+        and below_nose
+        and in_jaw
+        and same_turn
+        and _cross(p[54] - p[48], p[57] - p[48]) * _cross(eye_vec, down) > 0
+    ):
         return bad("mouth", "the mouth is covered or not found (implausible lip landmarks)")
     if score is not None and score < cfg.min_score:
         return bad("weak", f"the face was found only weakly (detector score {score:.2f})")

@@ -187,8 +187,10 @@ def draw_mouth_style(rng: np.random.Generator, base: object, enabled: bool = Tru
 
     if not enabled:
         return base
-    teeth = np.asarray(base.teeth) * rng.uniform(0.7, 1.1) * np.array(
-        [1.0, rng.uniform(0.93, 1.0), rng.uniform(0.8, 1.0)]
+    teeth = (
+        np.asarray(base.teeth)
+        * rng.uniform(0.7, 1.1)
+        * np.array([1.0, rng.uniform(0.93, 1.0), rng.uniform(0.8, 1.0)])
     )
     cavity = np.asarray(base.cavity) * rng.uniform(0.5, 1.6, size=3)
     tongue = np.asarray(base.tongue) * rng.uniform(0.75, 1.2, size=3)

@@ -385,7 +385,13 @@ def concat_datasets(parts: list[TrainData]) -> TrainData:
         for c in p.clips:
             clips.append(
                 TrainClip(
-                    c.name, c.mel, c.landmarks, c.speech, c.neutral, c.ref + base, c.frames,
+                    c.name,
+                    c.mel,
+                    c.landmarks,
+                    c.speech,
+                    c.neutral,
+                    c.ref + base,
+                    c.frames,
                     c.params,
                 )
             )

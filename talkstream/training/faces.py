@@ -54,6 +54,7 @@ class FaceSetConfig:
     crop_size: int = 128
     face_scale: float = 0.32  # as AvatarConfig.face_scale: the engine's alignment
     heldout_fraction: float = 0.05
+    min_face_px: float = 40.0  # smaller faces are rejected as "tiny" (jaw width, photo px)
     split_salt: str = "talkstream-faces-v1"
     max_photos: int | None = None  # first N photos (sorted), for quick runs and tests
     workers: int = 2
@@ -118,7 +119,7 @@ _DETECTOR: Any = None
 
 def _init_worker() -> None:
     global _DETECTOR
-    import torch  # noqa: F401  (keep torch from spinning threads in workers)
+    import torch
 
     torch.set_num_threads(1)
     from talkstream.engine.landmarks import DlibDetector
@@ -126,8 +127,8 @@ def _init_worker() -> None:
     _DETECTOR = DlibDetector()
 
 
-def _process(args: tuple[str, str, int, float]) -> dict[str, Any]:
-    path, rel, size, face_scale = args
+def _process(args: tuple[str, str, int, float, float]) -> dict[str, Any]:
+    path, rel, size, face_scale, min_face_px = args
     acfg = AvatarConfig(crop_size=size, face_scale=face_scale)
     try:
         image = load_image(path, acfg)
@@ -137,7 +138,7 @@ def _process(args: tuple[str, str, int, float]) -> dict[str, Any]:
     if not faces:
         return {"file": rel, "reason": "no_face", "detail": "no face found"}
     best = max(faces, key=lambda f: f.area)
-    verdict = check_face(best.landmarks, best.score, QualityConfig())
+    verdict = check_face(best.landmarks, best.score, QualityConfig(min_face_px=min_face_px))
     if not verdict.ok:
         return {"file": rel, "reason": verdict.reason, "detail": verdict.message}
     m = alignment_transform(best.landmarks, size, face_scale)
@@ -218,7 +219,9 @@ def build_face_set(
 
     from tqdm import tqdm
 
-    jobs = [(str(root / rel), rel, cfg.crop_size, cfg.face_scale) for rel, _ in items]
+    jobs = [
+        (str(root / rel), rel, cfg.crop_size, cfg.face_scale, cfg.min_face_px) for rel, _ in items
+    ]
     ident_of = dict(items)
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(jobs), desc="face photos", unit="photo", disable=not progress)

@@ -180,11 +180,14 @@ class TalkingFaces(TrainData):
     ) -> dict[str, np.ndarray]:
         """A frame batch as numpy arrays (what the prefetch process sends back)."""
         clips, frames = picks if picks is not None else self.sample_frames(rng, n)
-        out: dict[str, list[Any]] = {k: [] for k in ("ref", "frame", "landmarks", "neutral",
-                                                      "speech")}
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("ref", "frame", "landmarks", "neutral", "speech")
+        }
         for c, t in zip(clips, frames, strict=True):
-            r = self._pick_rng(c, t) if picks is not None else np.random.default_rng(
-                rng.integers(0, 2**63)
+            r = (
+                self._pick_rng(c, t)
+                if picks is not None
+                else np.random.default_rng(rng.integers(0, 2**63))
             )
             smp = self.render_sample(int(c), int(t), r)
             for k in out:
@@ -196,8 +199,12 @@ class TalkingFaces(TrainData):
             gains = rng.uniform(-gain_jitter_db, gain_jitter_db, size=len(clips))
             arrays["windows"] = np.concatenate(
                 [
-                    self._windows(self.clips[int(c)], [int(t)], with_motion,
-                                  float(gains[i]) if gain_jitter_db else 0.0)
+                    self._windows(
+                        self.clips[int(c)],
+                        [int(t)],
+                        with_motion,
+                        float(gains[i]) if gain_jitter_db else 0.0,
+                    )
                     for i, (c, t) in enumerate(zip(clips, frames, strict=True))
                 ]
             )
@@ -243,8 +250,9 @@ class TalkingFaces(TrainData):
         mcfg: MotionConfig,
         gain_jitter_db: float = 0.0,
     ) -> MotionBatch:
-        return motion_batch_any_face(self, self.faces, self._geoms, rng, n, seq_len, mcfg,
-                                     gain_jitter_db)
+        return motion_batch_any_face(
+            self, self.faces, self._geoms, rng, n, seq_len, mcfg, gain_jitter_db
+        )
 
 
 def motion_batch_any_face(
@@ -296,8 +304,9 @@ class AnyFaceMotion(TrainData):
         mcfg: MotionConfig,
         gain_jitter_db: float = 0.0,
     ) -> MotionBatch:
-        return motion_batch_any_face(self, self.faces, self._geoms, rng, n, seq_len, mcfg,
-                                     gain_jitter_db)
+        return motion_batch_any_face(
+            self, self.faces, self._geoms, rng, n, seq_len, mcfg, gain_jitter_db
+        )
 
 
 def _copy_renderer(base: Any, reference: np.ndarray, style: Any) -> Any:

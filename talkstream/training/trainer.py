@@ -50,13 +50,13 @@ from talkstream.training.config import (
     config_to_dict,
 )
 from talkstream.training.dataset import FrameBatch, TrainData, concat_datasets, load_dataset
-from talkstream.training.faces import FaceSet, FaceSetConfig, build_face_set
 from talkstream.training.distill import (
     StudentTask,
     build_pool,
     distill_inputs,
     select_reference,
 )
+from talkstream.training.faces import FaceSet, FaceSetConfig, build_face_set
 from talkstream.training.loop import DistInfo, StageContext, StepRandom, run_stage
 from talkstream.training.losses import image_loss, motion_loss, mouth_weight_map
 from talkstream.training.talking import AnyFaceMotion, Prefetcher, TalkingFaces
