@@ -179,7 +179,7 @@ def test_one_training_step_on_several_identities(talking: TalkingFaces) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
@@ -198,7 +198,7 @@ def test_pixel_warp_output_starts_as_the_photo() -> None:
     torch.manual_seed(0)
     net = TalkFormerDenoiser(cfg).eval()
     crop, neutral = default_crop(SIZE)
-    ref_img = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ref_img = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         ref = net.encode_reference(ref_img)
         out = net(
