@@ -35,9 +35,20 @@ class AudioConfig:
     log_floor: float = 1e-5
 
 
+# Output frames (width, height) cut around the face, per ``AvatarConfig.framing``; "full" keeps
+# the whole photo at its own size (the behaviour before framing existed).
+FRAMINGS: dict[str, tuple[int, int] | None] = {
+    "call": (640, 480),
+    "portrait": (480, 640),
+    "landscape": (1280, 720),
+    "square": (512, 512),
+    "full": None,
+}
+
+
 @dataclass(frozen=True)
 class AvatarConfig:
-    """Avatar preparation: detection, alignment, crop, paste-back mask."""
+    """Avatar preparation: detection, quality check, framing, alignment, crop, paste-back mask."""
 
     crop_size: int = 128
     # Face box (eye-to-mouth distance) as a fraction of the crop: leaves room for jaw and chin.
@@ -47,6 +58,55 @@ class AvatarConfig:
     max_image_pixels: int = 40_000_000  # decompression-bomb guard
     max_file_bytes: int = 64 * 1024 * 1024
     cache_dir: Path | None = None  # None: no on-disk cache
+    # The output frame: a key of FRAMINGS. Every framing but "full" cuts a frame of that size
+    # around the face, scaling the photo so the face has frame_face_fraction of its height
+    # (see talkstream.engine.avatar.frame_photo).
+    framing: str = "call"
+    frame_size: tuple[int, int] | None = None  # (width, height) instead of the preset's
+    # Face height (hairline to chin, estimated from the landmarks) / frame height.
+    frame_face_fraction: float = 0.4
+    # A photo whose face is smaller than that is enlarged at most this much (the face then stays
+    # smaller than asked): further enlargement only adds blur.
+    max_upscale: float = 1.5
+    # Faces are detected on a copy of the photo no larger than this (longest side, pixels);
+    # the landmarks are scaled back to the photo's pixels.
+    detect_max_side: int = 1024
+    # Refuse (InputError) a face that cannot be animated well: turned, tilted, tiny, mouth
+    # covered (talkstream.engine.quality). False (--force): log a warning and go on.
+    check_quality: bool = True
+
+    def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise ValueError(
+                f"AvatarConfig.framing must be one of {', '.join(FRAMINGS)}, got {self.framing!r}"
+            )
+        if self.frame_size is not None:
+            if self.framing == "full":
+                raise ValueError("AvatarConfig.frame_size needs a framing other than 'full'")
+            if len(self.frame_size) != 2 or min(self.frame_size) < 16:
+                raise ValueError(
+                    f"AvatarConfig.frame_size must be (width, height), each >= 16, "
+                    f"got {self.frame_size!r}"
+                )
+        if not 0.05 <= self.frame_face_fraction <= 1.0:
+            raise ValueError(
+                f"AvatarConfig.frame_face_fraction must be in [0.05, 1], "
+                f"got {self.frame_face_fraction}"
+            )
+        if not self.max_upscale >= 1.0:
+            raise ValueError(f"AvatarConfig.max_upscale must be >= 1, got {self.max_upscale}")
+        if self.detect_max_side < 64:
+            raise ValueError(
+                f"AvatarConfig.detect_max_side must be >= 64, got {self.detect_max_side}"
+            )
+
+    def frame_wh(self) -> tuple[int, int] | None:
+        """The output frame's (width, height), or None for the whole photo ("full")."""
+        if self.framing == "full":
+            return None
+        if self.frame_size is not None:
+            return (int(self.frame_size[0]), int(self.frame_size[1]))
+        return FRAMINGS[self.framing]
 
 
 @dataclass(frozen=True)

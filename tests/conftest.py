@@ -22,7 +22,10 @@ def _torch_threads() -> None:
 
 @pytest.fixture(scope="session")
 def default_avatar() -> Avatar:
-    return prepare_avatar(default_image(), AvatarConfig(), landmarks=default_landmarks())
+    # The photo's own 512x512 frame: the streaming and pipeline tests do not depend on framing
+    # (tests/test_framing.py and tests/test_render.py cover the default "call" framing).
+    cfg = AvatarConfig(framing="full")
+    return prepare_avatar(default_image(), cfg, landmarks=default_landmarks())
 
 
 @pytest.fixture(scope="session")

@@ -95,8 +95,11 @@ def test_default_landmarks_asset(astronaut: np.ndarray) -> None:
 def test_prepare_from_json_landmarks(astronaut: np.ndarray, tmp_path: Path) -> None:
     a = av.prepare_avatar(astronaut, CFG, landmarks=av.default_landmarks())
     _check_aligned(a, CFG)
-    assert a.image is astronaut or np.array_equal(a.image, astronaut)
+    assert a.image.shape == (480, 640, 3)  # the default framing, "call"
     assert len(a.key) == 64
+    # "full" keeps the photo itself as the frame.
+    full = av.prepare_avatar(astronaut, replace(CFG, framing="full"), landmarks=a.photo_landmarks)
+    assert full.image is astronaut
     # The same through the path API and a landmarks file.
     img_path = tmp_path / "astronaut.png"
     img_path.write_bytes(_png_bytes(astronaut))
@@ -145,10 +148,15 @@ def test_two_faces_takes_largest(
         a = av.prepare_avatar(canvas, CFG, detector=detector, source_name="two.png")
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("2 faces" in m and "two.png" in m and "largest" in m for m in messages), messages
-    # The chosen face is the big one, on the left.
+    # The chosen face is the big one, on the left of the photo.
+    assert a.photo_landmarks is not None and a.photo_to_frame is not None
+    assert a.photo_landmarks[:, 0].max() < 340
+    # ... and the frame geometry agrees: crop -> frame -> photo lands on it.
     inv = np.linalg.inv(np.vstack([a.frame_to_crop, [0, 0, 1]]))[:2]
     frame_pts = av.apply_affine(inv, a.neutral)
-    assert frame_pts[:, 0].max() < 340
+    np.testing.assert_allclose(
+        frame_pts, av.apply_affine(a.photo_to_frame, a.photo_landmarks), atol=1e-3
+    )
     _check_aligned(a, CFG)
 
 

@@ -27,7 +27,9 @@ def _box_mask(s: int, lo: int, hi: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def astronaut_avatar() -> av.Avatar:
-    return av.prepare_avatar(av.default_image(), AvatarConfig(), landmarks=av.default_landmarks())
+    # The photo's own frame: the paste geometry is checked against the photo's landmarks.
+    cfg = AvatarConfig(framing="full")
+    return av.prepare_avatar(av.default_image(), cfg, landmarks=av.default_landmarks())
 
 
 def test_get_array_module_numpy() -> None:
@@ -120,10 +122,13 @@ def test_round_trip_crop_and_paste(astronaut_avatar: av.Avatar) -> None:
     outside = np.ones(a.image.shape[:2], dtype=bool)
     outside[y0:y1, x0:x1] = False
     assert diff[outside].max() == 0
-    # The face is pasted where it was: the bbox covers the detected face.
+    # The face is pasted where it was: the bbox covers the parts that move (eyes, lips, jaw)
+    # and, since the mask keeps the photo's own brows and forehead, not the brows.
     pts = av.default_landmarks()
-    assert y0 <= pts[:, 1].min() and pts[:, 1].max() < y1
-    assert x0 <= pts[:, 0].min() and pts[:, 0].max() < x1
+    moving = pts[[*range(2, 15), *range(36, 68)]]
+    assert y0 <= moving[:, 1].min() and moving[:, 1].max() < y1
+    assert x0 <= moving[:, 0].min() and moving[:, 0].max() < x1
+    assert pts[17:27, 1].min() < y0
 
 
 def test_out_in_place(astronaut_avatar: av.Avatar) -> None:

@@ -46,7 +46,7 @@ def test_render_44k_stereo(tmp_path: Path, tiny_engine: Engine) -> None:
     expected = math.ceil(math.ceil(len(x) * 16000 / 44100) / 640)  # 33 frames for 1.3 s
     assert res.frames == expected == 33 and seen == list(range(33))
     n, fps, audio_s, width = _probe(out)
-    assert n == expected and fps == 25.0 and width == 512
+    assert n == expected and fps == 25.0 and width == 640  # the default framing, "call"
     assert audio_s == pytest.approx(1.3, abs=0.05)  # AAC priming/padding aside
     assert not list(tmp_path.glob("tmp*"))  # the temp file was renamed, nothing left over
 

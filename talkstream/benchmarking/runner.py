@@ -314,7 +314,8 @@ def build_engine(sc: Scenario, base: EngineConfig) -> EngineHandle:
 
 def prepare_bench_avatar(engine: Engine, frame_size: tuple[int, int] | None) -> Avatar:
     face = bench_face(frame_size)
-    acfg = AvatarConfig(crop_size=engine.crop_size, cache_dir=None)
+    # The frame is the one bench_face built (--frame-size): no framing around the face.
+    acfg = AvatarConfig(crop_size=engine.crop_size, cache_dir=None, framing="full")
     return prepare_avatar(face.image, acfg, landmarks=face.landmarks, source_name=face.source)
 
 

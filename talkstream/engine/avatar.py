@@ -1,5 +1,12 @@
-"""Avatar preparation: load the reference photo, find the face, align a square crop, build the
-paste-back mask.
+"""Avatar preparation: load the reference photo, find the face, judge it, cut the output frame
+around it, align a square crop, build the paste-back mask.
+
+Framing: the output frame is not the photo. ``AvatarConfig.framing`` cuts a frame of a fixed size
+(``call`` 640x480 by default) around the face, scaled so the face has a fixed share of the
+frame's height (:func:`frame_photo`); a 12 MP phone photo becomes a frame a CPU can encode at
+25 fps. ``full`` keeps the whole photo. Detection runs on a copy no larger than
+``AvatarConfig.detect_max_side``; landmarks stay in the photo's pixels, and the quality check
+(:mod:`talkstream.engine.quality`) is made on them before any framing.
 
 Done once per avatar (and cached on disk when ``AvatarConfig.cache_dir`` is set). Per frame the
 denoiser regenerates the whole crop from target landmarks;
@@ -34,24 +41,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from talkstream.config import AvatarConfig
 from talkstream.engine.landmarks import (
-    BROWS,
-    JAW,
     LEFT_EYE,
     NUM_LANDMARKS,
     RIGHT_EYE,
     DlibDetector,
+    FaceDetection,
     LandmarkDetector,
     load_landmarks_json,
     save_landmarks_json,
     validate_landmarks,
 )
+from talkstream.engine.quality import FaceCheck, check_face
 from talkstream.errors import InputError
 from talkstream.kernels.post import PasteMap, bilinear_taps, build_paste_map, invert_affine
 
 logger = logging.getLogger(__name__)
 
 # Bump when anything that changes the cached arrays changes (alignment, mask, crop sampling).
-CACHE_FORMAT_VERSION = 1
+# 2: the paste-back mask covers the lower face and the eyes only. 3: framing; the photo's
+# landmarks and the detector score are cached too.
+CACHE_FORMAT_VERSION = 3
 # With several detections, those scoring under this share of the best one are ignored.
 WEAK_FACE_SCORE_RATIO = 0.25
 
@@ -332,12 +341,14 @@ def _polygon_distance(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
 
 
 def face_mask(neutral: np.ndarray, crop_size: int, feather: float) -> np.ndarray:
-    """The paste-back mask in crop space.
+    """The paste-back mask in crop space: only where the face moves.
 
-    1 over the face outline (jaw points, then the brows: the eyes are included so that blinks
-    rendered by the denoiser are pasted too), grown by a margin for jaw opening, then falling
-    smoothly to 0 over ``feather * S`` pixels; also faded to exactly 0 at the crop border so
-    the paste has no visible edge.
+    1 over the lower face (the jaw line from ear to ear, closed under the nose: lips, jaw and
+    chin, grown by a margin for the jaw's opening) and over the eyes (so that blinks are
+    pasted), then falling smoothly to 0 over ``feather * S`` pixels; also faded to exactly 0
+    at the crop border so the paste has no visible edge. Everything else (hair, brows,
+    forehead, nose, the cheeks' upper part, background) stays the photo's own pixels, whatever
+    the renderer draws there.
 
     Args:
         neutral: (68, 2) landmarks in crop pixels.
@@ -349,13 +360,19 @@ def face_mask(neutral: np.ndarray, crop_size: int, feather: float) -> np.ndarray
     """
     s = crop_size
     pts = np.asarray(neutral, dtype=np.float64)
-    poly = np.concatenate([pts[list(JAW)], pts[list(BROWS)][::-1]])  # (27, 2) face outline
     vs, us = np.mgrid[0:s, 0:s].astype(np.float64)  # (S, S)
     grid = np.stack([us.reshape(-1), vs.reshape(-1)], axis=1)  # (S*S, 2) as (x, y)
-    dist = _polygon_distance(grid, poly).reshape(s, s)  # (S, S)
     fw = max(feather * s, 1.0)
+    # Lower face: jaw points 2-14, then up to the nostrils' line (points 35 .. 31).
+    nose_line = pts[[35, 34, 33, 32, 31]]
+    lower = np.concatenate([pts[2:15], nose_line])  # (18, 2)
     grow = _MASK_GROW_FRACTION * s
-    m = _smoothstep((grow + fw - dist) / fw)  # (S, S): 1 within grow, 0 beyond grow + fw
+    dist = _polygon_distance(grid, lower).reshape(s, s)
+    m = _smoothstep((grow + fw - dist) / fw)  # (S, S)
+    # The eyes, a little grown: the lids move in a blink.
+    for eye in (pts[36:42], pts[42:48]):
+        d = _polygon_distance(grid, eye).reshape(s, s)
+        m = np.maximum(m, _smoothstep((0.5 * grow + 0.6 * fw - d) / (0.6 * fw)))
     edge = np.arange(s, dtype=np.float64)
     edge = np.minimum(edge, s - 1 - edge)  # distance to the nearest border pixel
     border = np.minimum.outer(edge, edge)  # (S, S)
@@ -363,196 +380,259 @@ def face_mask(neutral: np.ndarray, crop_size: int, feather: float) -> np.ndarray
     return m.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- avatar
+# ----------------------------------------------------------------------------- framing
+
+# Where a cut frame puts the face: the eye midpoint this far down from the frame's top edge and
+# the face's centre line (between the eye midpoint and the mouth) in the middle. The frame may
+# then slide by up to these fractions of its width and height towards the inside of the photo
+# when that shows less padding: a face a little off-centre looks natural in a call, smeared
+# edge pixels do not.
+_FRAME_EYES_Y_FRACTION = 0.42
+_FRAME_MAX_SHIFT = (0.2, 0.15)
+# The landmarks end at the brows; the classical facial thirds put the brows a third of the way
+# from the hairline to the chin, so the face (hairline to chin) is 1.5x brows-to-chin.
+_FACE_HEIGHT_PER_BROWS_TO_CHIN = 1.5
 
 
-@dataclass
-class Avatar:
-    """A prepared avatar: everything per-frame rendering needs from the reference photo.
+@dataclass(frozen=True)
+class Framing:
+    """An output frame cut from a photo by :func:`frame_photo`.
 
     Attributes:
-        image: (H, W, 3) uint8 full reference frame (the background every frame is pasted on).
-        crop: (S, S, 3) uint8 aligned face crop (the denoiser's reference image).
-        neutral: (68, 2) float32 landmarks in crop pixel coordinates.
-        frame_to_crop: (2, 3) float64 similarity affine, frame pixels -> crop pixels.
-        mask: (S, S) float32 feathered paste-back mask in crop space, in [0, 1].
-        paste: the paste-back geometry for frames of ``image``'s size (numpy arrays).
-        key: sha256 hex digest of the inputs and settings that determine the above.
+        image: (H, W, 3) uint8 output frame.
+        photo_to_frame: (2, 3) float64 affine, photo pixels -> frame pixels: a uniform scale
+            and a translation (``x' = scale * x + t``).
+        scale: the photo's scale in the frame (< 1: downscaled, 1: its own pixels).
     """
 
     image: np.ndarray
-    crop: np.ndarray
-    neutral: np.ndarray
-    frame_to_crop: np.ndarray
-    mask: np.ndarray
-    paste: PasteMap
-    key: str
-
-    @property
-    def crop_size(self) -> int:
-        """S, the side of the square crop in pixels."""
-        return int(self.crop.shape[0])
-
-    def neutral_normalized(self) -> np.ndarray:
-        """:attr:`neutral` in [-1, 1] crop coordinates (see :func:`crop_px_to_norm`), (68, 2)."""
-        return crop_px_to_norm(self.neutral, self.crop_size)
+    photo_to_frame: np.ndarray
+    scale: float
 
 
-def _cache_key(
-    image: np.ndarray, landmarks: np.ndarray | None, detector_name: str, cfg: AvatarConfig
-) -> str:
-    h = hashlib.sha256()
-    h.update(f"talkstream.avatar.v{CACHE_FORMAT_VERSION}\0".encode())
-    h.update(f"shape={image.shape}\0".encode())
-    h.update(np.ascontiguousarray(image).data)
-    if landmarks is not None:
-        h.update(b"landmarks\0")
-        h.update(np.ascontiguousarray(landmarks, dtype=np.float32).data)
+def face_height(landmarks: np.ndarray) -> float:
+    """The face's height, hairline to chin, estimated from (68, 2) landmarks, in their pixels."""
+    pts = np.asarray(landmarks, dtype=np.float64)
+    brows = pts[17:27].mean(axis=0)  # (2,) the brows' points
+    return _FACE_HEIGHT_PER_BROWS_TO_CHIN * float(np.hypot(*(pts[8] - brows)))
+
+
+def _place(ideal: float, extent: float, out: int, max_shift: float) -> int:
+    """The frame's origin along one axis (scaled-photo pixel edges): ``ideal`` moved by at most
+    ``max_shift`` towards the origins that pad least (the frame inside the photo if it fits,
+    else the photo inside the frame)."""
+    lo, hi = min(0.0, extent - out), max(0.0, extent - out)
+    o = min(max(ideal, lo), hi)
+    o = min(max(o, ideal - max_shift), ideal + max_shift)
+    return round(o)
+
+
+def _inside(origin: int, n_out: int, n_in: int, scale: float) -> tuple[int, int]:
+    """Output pixels ``[lo, hi)`` along one axis whose source interval lies in the photo."""
+    lo = max(0, -origin)
+    hi = min(n_out, int(np.floor(n_in * scale + 1e-6)) - origin)
+    if hi <= lo:  # less than a whole output pixel of overlap: keep one, sampled at the edge
+        lo = min(max(lo, 0), n_out - 1)
+        hi = lo + 1
+    return lo, hi
+
+
+def _cut(photo: np.ndarray, scale: float, ox: int, oy: int, width: int, height: int) -> np.ndarray:
+    """The (height, width, 3) frame whose pixel (0, 0) is scaled-photo pixel (ox, oy).
+
+    Downscaling averages areas (Pillow's box filter), upscaling is bicubic, scale 1 copies
+    pixels; frame pixels beyond the photo repeat its edge pixels.
+    """
+    ih, iw = photo.shape[:2]
+    j0, j1 = _inside(ox, width, iw, scale)
+    i0, i1 = _inside(oy, height, ih, scale)
+    if scale == 1.0:
+        c0 = min(max(ox + j0, 0), iw - 1)
+        r0 = min(max(oy + i0, 0), ih - 1)
+        part = photo[r0 : r0 + (i1 - i0), c0 : c0 + (j1 - j0)]  # (i1-i0, j1-j0, 3) or less
+        if part.shape[:2] != (i1 - i0, j1 - j0):  # only in the degenerate case of _inside
+            part = np.resize(part, (i1 - i0, j1 - j0, 3))
     else:
-        h.update(f"detector={detector_name}\0".encode())
-    # Only the fields that change the arrays: the limits do not.
-    h.update(f"crop={cfg.crop_size};scale={cfg.face_scale!r};feather={cfg.feather!r}".encode())
-    return h.hexdigest()
+        # Source box in pixel-edge coordinates, clipped against rounding.
+        bx0 = min(max((ox + j0) / scale, 0.0), iw - 0.5)
+        bx1 = min(max((ox + j1) / scale, bx0 + 0.5), float(iw))
+        by0 = min(max((oy + i0) / scale, 0.0), ih - 0.5)
+        by1 = min(max((oy + i1) / scale, by0 + 0.5), float(ih))
+        # Hand Pillow only the rows and columns the box touches, plus the bicubic filter's
+        # reach (2 px) and one for rounding: a 12 MP photo is never copied whole.
+        c0, c1 = max(0, int(np.floor(bx0)) - 3), min(iw, int(np.ceil(bx1)) + 3)
+        r0, r1 = max(0, int(np.floor(by0)) - 3), min(ih, int(np.ceil(by1)) + 3)
+        src = Image.fromarray(np.ascontiguousarray(photo[r0:r1, c0:c1]))
+        resample = Image.Resampling.BOX if scale < 1.0 else Image.Resampling.BICUBIC
+        part = np.asarray(
+            src.resize(
+                (j1 - j0, i1 - i0),
+                resample,
+                box=(bx0 - c0, by0 - r0, bx1 - c0, by1 - r0),
+            ),
+            dtype=np.uint8,
+        )  # (i1-i0, j1-j0, 3)
+    pad = ((i0, height - i1), (j0, width - j1), (0, 0))
+    if any(p for axis in pad for p in axis):
+        part = np.pad(part, pad, mode="edge")
+    return np.ascontiguousarray(part)  # (height, width, 3)
 
 
-def _cache_path(cfg: AvatarConfig, key: str) -> Path | None:
-    if cfg.cache_dir is None:
-        return None
-    return Path(cfg.cache_dir) / "avatars" / f"{key}.npz"
+def frame_photo(photo: np.ndarray, landmarks: np.ndarray, cfg: AvatarConfig) -> Framing:
+    """Cut the output frame around the face (``cfg.framing``).
 
+    ``full`` returns the photo itself. Every other framing gives a frame of its size
+    (``cfg.frame_wh()``) in which the face, hairline to chin (:func:`face_height`), is
+    ``cfg.frame_face_fraction`` of the frame's height, centred horizontally, with the eyes a
+    little above the middle (42% from the top). A larger photo is downscaled with an area
+    filter; a smaller one is enlarged, but by at most ``cfg.max_upscale`` (the face then stays
+    smaller than asked): enlarging further adds only blur. Where the face would leave padding,
+    the frame slides towards the inside of the photo by up to 20% of its width / 15% of its
+    height; padding that remains repeats the photo's edge pixels.
 
-def _load_cached(path: Path, key: str, s: int) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None on a miss; a corrupt file is logged and treated as a miss."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("crop", "neutral", "frame_to_crop", "mask", "key")}
-        expected = {
-            "crop": ((s, s, 3), np.uint8),
-            "neutral": ((NUM_LANDMARKS, 2), np.float32),
-            "frame_to_crop": ((2, 3), np.float64),
-            "mask": ((s, s), np.float32),
-        }
-        for name, (shape, dtype) in expected.items():
-            a = arrays[name]
-            if a.shape != shape or a.dtype != dtype:
-                raise ValueError(f"{name} is {a.shape} {a.dtype}, expected {shape} {dtype}")
-        if str(arrays["key"]) != key:
-            raise ValueError("stored key does not match the file name")
-        if not (np.all(np.isfinite(arrays["neutral"])) and np.all(np.isfinite(arrays["mask"]))):
-            raise ValueError("non-finite values")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        logger.warning("avatar cache file %s is unreadable (%s); rebuilding it", path, e)
-        return None
-    return arrays
+    Args:
+        photo: (H, W, 3) uint8 RGB.
+        landmarks: (68, 2) landmarks of the face, photo pixels.
+        cfg: ``framing``, ``frame_size``, ``frame_face_fraction``, ``max_upscale``.
 
-
-def _save_cached(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temp file + rename), so a crash never leaves half a cache file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    key=np.array(key),
-                    crop=arrays["crop"],
-                    neutral=arrays["neutral"],
-                    frame_to_crop=arrays["frame_to_crop"],
-                    mask=arrays["mask"],
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        # The cache only saves time: failing to write it is not an error for the caller.
-        logger.warning("could not write avatar cache file %s: %s", path, e)
-
-
-def _check_points_in_image(points: np.ndarray, hw: tuple[int, int], what: str) -> None:
-    h, w = hw
-    # Accept both pixel-centre (0..W-1) and pixel-edge (0..W) conventions.
-    outside = (
-        (points[:, 0] < -0.5) | (points[:, 0] > w) | (points[:, 1] < -0.5) | (points[:, 1] > h)
+    Returns:
+        The :class:`Framing`.
+    """
+    size = cfg.frame_wh()
+    if size is None:
+        return Framing(photo, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), 1.0)
+    width, height = size
+    ih, iw = photo.shape[:2]
+    target = cfg.frame_face_fraction * height / max(face_height(landmarks), 1e-6)
+    scale = min(target, cfg.max_upscale)
+    right_eye, left_eye, mouth = face_anchors(landmarks)
+    eye_mid = 0.5 * (right_eye + left_eye)
+    centre_x = 0.5 * (eye_mid[0] + mouth[0])
+    # In scaled-photo pixel-edge coordinates, pixel-centre x is at scale * (x + 0.5).
+    ideal_x = scale * (centre_x + 0.5) - 0.5 * width
+    ideal_y = scale * (eye_mid[1] + 0.5) - _FRAME_EYES_Y_FRACTION * height
+    ox = _place(ideal_x, scale * iw, width, _FRAME_MAX_SHIFT[0] * width)
+    oy = _place(ideal_y, scale * ih, height, _FRAME_MAX_SHIFT[1] * height)
+    image = _cut(photo, scale, ox, oy, width, height)
+    # Pixel centres: x' + 0.5 = scale * (x + 0.5) - ox.
+    photo_to_frame = np.array(
+        [[scale, 0.0, 0.5 * scale - 0.5 - ox], [0.0, scale, 0.5 * scale - 0.5 - oy]]
     )
-    if np.any(outside):
-        i = int(np.flatnonzero(outside)[0])
-        raise InputError(
-            f"{what}: point {i} ({points[i, 0]:.1f}, {points[i, 1]:.1f}) lies outside the "
-            f"{w}x{h} image ({int(outside.sum())} points outside in all); are they for this image?"
+    return Framing(image, photo_to_frame, float(scale))
+
+
+def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The (2, 3) affine ``outer(inner(p))``."""
+    lin = outer[:, :2] @ inner[:, :2]
+    return np.concatenate([lin, (outer[:, :2] @ inner[:, 2] + outer[:, 2])[:, None]], axis=1)
+
+
+# ----------------------------------------------------------------------------- finding the face
+
+
+@dataclass(frozen=True)
+class LocatedFace:
+    """The face an avatar is made from, found (or given) and judged.
+
+    Attributes:
+        points: (68, 2) float32 landmarks in the photo's own pixels.
+        score: the detector's score; None for given landmarks.
+        detector: the detector's name; None when the landmarks were given.
+        check: the verdict of :func:`talkstream.engine.quality.check_face` (not ``ok`` only
+            when ``AvatarConfig.check_quality`` is off).
+    """
+
+    points: np.ndarray
+    score: float | None
+    detector: str | None
+    check: FaceCheck
+
+
+def judge_face(
+    points: np.ndarray, score: float | None, cfg: AvatarConfig, source_name: str
+) -> FaceCheck:
+    """:func:`~talkstream.engine.quality.check_face` on photo-pixel landmarks, as a user sees it.
+
+    Raises:
+        InputError: the face cannot be animated well and ``cfg.check_quality`` is on. The
+            message is one line: the photo, what is wrong, what would work.
+    """
+    verdict = check_face(points, score)
+    if verdict.ok:
+        return verdict
+    line = f"{source_name}: {verdict.message}; {verdict.advice}"
+    if cfg.check_quality:
+        raise InputError(f"{line}; --force tries anyway")
+    logger.warning("%s. Animating it anyway (--force): expect a distorted face", line)
+    return verdict
+
+
+def _detect(image: np.ndarray, det: LandmarkDetector, cfg: AvatarConfig) -> list[FaceDetection]:
+    """``det.detect`` on a copy no larger than ``cfg.detect_max_side``; photo-pixel results.
+
+    A face too small to be found on the copy (dlib's detector already retries at 2x) is too
+    small to animate anyway: below ~20 px on a 1024 px copy.
+    """
+    ih, iw = image.shape[:2]
+    longest = max(ih, iw)
+    if longest <= cfg.detect_max_side:
+        return det.detect(image)
+    f = cfg.detect_max_side / longest
+    dw, dh = max(1, round(iw * f)), max(1, round(ih * f))
+    small = np.asarray(Image.fromarray(image).resize((dw, dh), Image.Resampling.BOX))
+    sx, sy = dw / iw, dh / ih
+    logger.debug("detecting on a %dx%d copy of the %dx%d photo", dw, dh, iw, ih)
+    faces = []
+    for face in det.detect(small):
+        pts = (np.asarray(face.landmarks, dtype=np.float64) + 0.5) / (sx, sy) - 0.5  # (68, 2)
+        x0, y0, x1, y1 = face.box  # pixel edges
+        faces.append(
+            FaceDetection(
+                box=(x0 / sx, y0 / sy, x1 / sx, y1 / sy),
+                landmarks=pts.astype(np.float32),
+                score=face.score,
+            )
         )
+    return faces
 
 
-def prepare_avatar(
+def locate_face(
     image: np.ndarray,
     cfg: AvatarConfig,
     *,
     landmarks: np.ndarray | None = None,
     detector: LandmarkDetector | None = None,
     source_name: str = "image",
-) -> Avatar:
-    """Prepare an avatar from a photo.
+) -> LocatedFace:
+    """Find the face in a photo (or take the given landmarks) and judge it.
+
+    Detection runs on a copy no larger than ``cfg.detect_max_side`` (a 12 MP photo is not
+    searched at full size); landmarks are returned in the photo's pixels, and the quality check
+    (tiny, turned, tilted, mouth covered) is made on them, so "tiny" means tiny in the photo.
 
     Args:
         image: (H, W, 3) uint8 RGB photo.
-        cfg: crop size, face scale, feather, cache directory.
-        landmarks: (68, 2) ``(x, y)`` pixel landmarks of the face in ``image``; if None they
-            are detected.
-        detector: the detector to use when ``landmarks`` is None (default: a new
-            :class:`~talkstream.engine.landmarks.DlibDetector`, created only on a cache miss).
-        source_name: how messages name the image (e.g. its path).
-
-    Returns:
-        The :class:`Avatar`. With several faces in the photo, the largest of the confident ones
-        is used (detections scoring under a quarter of the best are ignored as false
-        positives); a warning is logged.
+        cfg: detection size, quality check switch.
+        landmarks: (68, 2) landmarks instead of detection.
+        detector: default: a new :class:`~talkstream.engine.landmarks.DlibDetector`.
+        source_name: how messages name the photo.
 
     Raises:
-        InputError: no face found, or ``landmarks`` malformed or outside the image.
+        InputError: no face; landmarks malformed, outside the photo or degenerate; a face that
+            cannot be animated well (unless ``cfg.check_quality`` is off).
         MissingDependencyError: detection needed but dlib is not installed.
     """
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(
-            f"image must be an (H, W, 3) uint8 RGB array, got shape {image.shape} "
-            f"dtype {image.dtype}"
-        )
-    if cfg.crop_size < 16:
-        raise ValueError(f"AvatarConfig.crop_size must be at least 16, got {cfg.crop_size}")
-    image = np.ascontiguousarray(image)
+    _check_image(image)
     hw = (int(image.shape[0]), int(image.shape[1]))
-    s = cfg.crop_size
-
-    given: np.ndarray | None = None
+    score: float | None = None
+    name: str | None = None
     if landmarks is not None:
-        given = validate_landmarks(landmarks, what=f"landmarks for {source_name}")  # (68, 2)
-        _check_points_in_image(given, hw, f"landmarks for {source_name}")
-    detector_name = detector.name if detector is not None else DlibDetector.name
-    key = _cache_key(image, given, detector_name, cfg)
-    path = _cache_path(cfg, key)
-
-    cached = _load_cached(path, key, s) if path is not None else None
-    if cached is not None:
-        logger.debug("avatar %s loaded from cache %s", source_name, path)
-        frame_to_crop = cached["frame_to_crop"]
-        mask = cached["mask"]
-        return Avatar(
-            image=image,
-            crop=cached["crop"],
-            neutral=cached["neutral"],
-            frame_to_crop=frame_to_crop,
-            mask=mask,
-            paste=build_paste_map(hw, frame_to_crop, mask),
-            key=key,
-        )
-
-    if given is None:
+        points = validate_landmarks(landmarks, what=f"landmarks for {source_name}")  # (68, 2)
+        _check_points_in_image(points, hw, f"landmarks for {source_name}")
+    else:
         det = detector if detector is not None else DlibDetector()
-        faces = det.detect(image)
+        name = det.name
+        faces = _detect(image, det, cfg)
         if not faces:
             raise InputError(
                 f"no face found in {source_name} (detector: {det.name}). Use a photo with one "
@@ -578,27 +658,280 @@ def prepare_avatar(
                 y1,
             )
         points = validate_landmarks(best.landmarks, what=f"detected landmarks in {source_name}")
-    else:
-        points = given
+        score = float(best.score)
+    alignment_transform(points, cfg.crop_size, cfg.face_scale)  # raises on degenerate points
+    check = judge_face(points, score, cfg, source_name)
+    return LocatedFace(points=points, score=score, detector=name, check=check)
 
-    frame_to_crop = alignment_transform(points, s, cfg.face_scale)  # (2, 3)
-    crop = warp_crop(image, frame_to_crop, s)  # (S, S, 3)
-    neutral = apply_affine(frame_to_crop, points).astype(np.float32)  # (68, 2)
-    mask = face_mask(neutral, s, cfg.feather)  # (S, S)
-    if path is not None:
-        _save_cached(
-            path,
-            key,
-            {"crop": crop, "neutral": neutral, "frame_to_crop": frame_to_crop, "mask": mask},
+
+# ----------------------------------------------------------------------------- avatar
+
+
+@dataclass
+class Avatar:
+    """A prepared avatar: everything per-frame rendering needs from the reference photo.
+
+    Attributes:
+        image: (H, W, 3) uint8 output frame (the background every frame is pasted on): the
+            photo cut around the face by ``AvatarConfig.framing``, or the photo itself.
+        crop: (S, S, 3) uint8 aligned face crop (the denoiser's reference image).
+        neutral: (68, 2) float32 landmarks in crop pixel coordinates.
+        frame_to_crop: (2, 3) float64 affine, frame pixels -> crop pixels.
+        mask: (S, S) float32 feathered paste-back mask in crop space, in [0, 1].
+        paste: the paste-back geometry for frames of ``image``'s size (numpy arrays).
+        key: sha256 hex digest of the inputs and settings that determine the above.
+        photo_to_frame: (2, 3) float64 affine, photo pixels -> frame pixels (the framing).
+        photo_landmarks: (68, 2) float32 landmarks in the photo's own pixels.
+        check: the quality verdict on the face (``ok`` unless the check was overridden).
+    """
+
+    image: np.ndarray
+    crop: np.ndarray
+    neutral: np.ndarray
+    frame_to_crop: np.ndarray
+    mask: np.ndarray
+    paste: PasteMap
+    key: str
+    photo_to_frame: np.ndarray | None = None
+    photo_landmarks: np.ndarray | None = None
+    check: FaceCheck | None = None
+
+    @property
+    def crop_size(self) -> int:
+        """S, the side of the square crop in pixels."""
+        return int(self.crop.shape[0])
+
+    def neutral_normalized(self) -> np.ndarray:
+        """:attr:`neutral` in [-1, 1] crop coordinates (see :func:`crop_px_to_norm`), (68, 2)."""
+        return crop_px_to_norm(self.neutral, self.crop_size)
+
+
+def _cache_key(
+    image: np.ndarray, landmarks: np.ndarray | None, detector_name: str, cfg: AvatarConfig
+) -> str:
+    h = hashlib.sha256()
+    h.update(f"talkstream.avatar.v{CACHE_FORMAT_VERSION}\0".encode())
+    h.update(f"shape={image.shape}\0".encode())
+    h.update(np.ascontiguousarray(image).data)
+    if landmarks is not None:
+        h.update(b"landmarks\0")
+        h.update(np.ascontiguousarray(landmarks, dtype=np.float32).data)
+    else:
+        h.update(f"detector={detector_name};detect_max_side={cfg.detect_max_side}\0".encode())
+    # Only the fields that change the arrays: the limits and the quality switch do not.
+    h.update(f"crop={cfg.crop_size};scale={cfg.face_scale!r};feather={cfg.feather!r}".encode())
+    size = cfg.frame_wh()
+    if size is not None:
+        h.update(
+            f";framing={cfg.framing};frame={size[0]}x{size[1]};"
+            f"face={cfg.frame_face_fraction!r};upscale={cfg.max_upscale!r}".encode()
         )
+    else:
+        h.update(b";framing=full")
+    return h.hexdigest()
+
+
+def _cache_path(cfg: AvatarConfig, key: str) -> Path | None:
+    if cfg.cache_dir is None:
+        return None
+    return Path(cfg.cache_dir) / "avatars" / f"{key}.npz"
+
+
+_CACHED = ("crop", "neutral", "frame_to_crop", "mask", "points", "score")
+
+
+def _load_cached(path: Path, key: str, s: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None on a miss; a corrupt file is logged and treated as a miss."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in (*_CACHED, "key")}
+        expected = {
+            "crop": ((s, s, 3), np.uint8),
+            "neutral": ((NUM_LANDMARKS, 2), np.float32),
+            "frame_to_crop": ((2, 3), np.float64),
+            "mask": ((s, s), np.float32),
+            "points": ((NUM_LANDMARKS, 2), np.float32),
+            "score": ((), np.float64),
+        }
+        for name, (shape, dtype) in expected.items():
+            a = arrays[name]
+            if a.shape != shape or a.dtype != dtype:
+                raise ValueError(f"{name} is {a.shape} {a.dtype}, expected {shape} {dtype}")
+        if str(arrays["key"]) != key:
+            raise ValueError("stored key does not match the file name")
+        if not all(np.all(np.isfinite(arrays[k])) for k in ("neutral", "mask", "points")):
+            raise ValueError("non-finite values")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        logger.warning("avatar cache file %s is unreadable (%s); rebuilding it", path, e)
+        return None
+    return arrays
+
+
+def _save_cached(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves half a cache file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, key=np.array(key), **{k: arrays[k] for k in _CACHED})  # type: ignore[arg-type]
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        # The cache only saves time: failing to write it is not an error for the caller.
+        logger.warning("could not write avatar cache file %s: %s", path, e)
+
+
+def _check_points_in_image(points: np.ndarray, hw: tuple[int, int], what: str) -> None:
+    h, w = hw
+    # Accept both pixel-centre (0..W-1) and pixel-edge (0..W) conventions.
+    outside = (
+        (points[:, 0] < -0.5) | (points[:, 0] > w) | (points[:, 1] < -0.5) | (points[:, 1] > h)
+    )
+    if np.any(outside):
+        i = int(np.flatnonzero(outside)[0])
+        raise InputError(
+            f"{what}: point {i} ({points[i, 0]:.1f}, {points[i, 1]:.1f}) lies outside the "
+            f"{w}x{h} image ({int(outside.sum())} points outside in all); are they for this image?"
+        )
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"image must be an (H, W, 3) uint8 RGB array, got shape {image.shape} "
+            f"dtype {image.dtype}"
+        )
+
+
+def prepare_avatar(
+    image: np.ndarray,
+    cfg: AvatarConfig,
+    *,
+    landmarks: np.ndarray | None = None,
+    detector: LandmarkDetector | None = None,
+    source_name: str = "image",
+    face: LocatedFace | None = None,
+) -> Avatar:
+    """Prepare an avatar from a photo.
+
+    Steps: find the face (:func:`locate_face`: detection on a downscaled copy, or the given
+    landmarks) and judge it; cut the output frame around it (:func:`frame_photo`); align the
+    crop, build the paste-back mask. The crop is sampled from the photo itself unless the
+    framing downscaled the photo, in which case it is sampled from the (area-filtered) frame.
+
+    Args:
+        image: (H, W, 3) uint8 RGB photo.
+        cfg: crop size, face scale, feather, framing, quality check, cache directory.
+        landmarks: (68, 2) ``(x, y)`` pixel landmarks of the face in ``image``; if None they
+            are detected.
+        detector: the detector to use when ``landmarks`` is None (default: a new
+            :class:`~talkstream.engine.landmarks.DlibDetector`, created only on a cache miss).
+        source_name: how messages name the image (e.g. its path).
+        face: the result of :func:`locate_face` on ``image`` (then ``landmarks`` and
+            ``detector`` must be None): lets a caller judge the photo before loading a model.
+
+    Returns:
+        The :class:`Avatar`. With several faces in the photo, the largest of the confident ones
+        is used (detections scoring under a quarter of the best are ignored as false
+        positives); a warning is logged.
+
+    Raises:
+        InputError: no face found; ``landmarks`` malformed or outside the image; a face that
+            cannot be animated well (unless ``cfg.check_quality`` is off), also on a cache hit.
+        MissingDependencyError: detection needed but dlib is not installed.
+    """
+    _check_image(image)
+    if cfg.crop_size < 16:
+        raise ValueError(f"AvatarConfig.crop_size must be at least 16, got {cfg.crop_size}")
+    image = np.ascontiguousarray(image)
+    s = cfg.crop_size
+
+    given: np.ndarray | None = None
+    if face is not None:
+        if landmarks is not None or detector is not None:
+            raise ValueError("pass either face or landmarks/detector, not both")
+        given = face.points if face.detector is None else None
+        detector_name = face.detector or DlibDetector.name
+    else:
+        if landmarks is not None:
+            given = validate_landmarks(landmarks, what=f"landmarks for {source_name}")  # (68, 2)
+            hw = (int(image.shape[0]), int(image.shape[1]))
+            _check_points_in_image(given, hw, f"landmarks for {source_name}")
+        detector_name = detector.name if detector is not None else DlibDetector.name
+    key = _cache_key(image, given, detector_name, cfg)
+    path = _cache_path(cfg, key)
+
+    cached = _load_cached(path, key, s) if path is not None else None
+    if cached is not None:
+        logger.debug("avatar %s loaded from cache %s", source_name, path)
+        points = cached["points"]
+        score = None if np.isnan(cached["score"]) else float(cached["score"])
+        check = face.check if face is not None else judge_face(points, score, cfg, source_name)
+    else:
+        if face is None:
+            face = locate_face(
+                image, cfg, landmarks=given, detector=detector, source_name=source_name
+            )
+        points, score, check = face.points, face.score, face.check
+
+    framing = frame_photo(image, points, cfg)
+    frame = framing.image
+    if framing.scale != 1.0 or frame is not image:
+        logger.debug(
+            "%s: %dx%d photo framed to %dx%d (%s, scale %.3f)",
+            source_name,
+            image.shape[1],
+            image.shape[0],
+            frame.shape[1],
+            frame.shape[0],
+            cfg.framing,
+            framing.scale,
+        )
+    if cached is not None:
+        crop, neutral = cached["crop"], cached["neutral"]
+        frame_to_crop, mask = cached["frame_to_crop"], cached["mask"]
+    else:
+        photo_to_crop = alignment_transform(points, s, cfg.face_scale)  # (2, 3)
+        frame_to_crop = _compose(photo_to_crop, invert_affine(framing.photo_to_frame))  # (2, 3)
+        if framing.scale < 1.0:
+            # The frame is the photo area-filtered down: sampling it does not alias.
+            crop = warp_crop(frame, frame_to_crop, s)  # (S, S, 3)
+        else:
+            # The photo's own pixels, not an enlarged copy of them: one interpolation only.
+            crop = warp_crop(image, photo_to_crop, s)  # (S, S, 3)
+        neutral = apply_affine(photo_to_crop, points).astype(np.float32)  # (68, 2)
+        mask = face_mask(neutral, s, cfg.feather)  # (S, S)
+        if path is not None:
+            _save_cached(
+                path,
+                key,
+                {
+                    "crop": crop,
+                    "neutral": neutral,
+                    "frame_to_crop": frame_to_crop,
+                    "mask": mask,
+                    "points": np.asarray(points, dtype=np.float32),
+                    "score": np.array(np.nan if score is None else score, dtype=np.float64),
+                },
+            )
     return Avatar(
-        image=image,
+        image=frame,
         crop=crop,
         neutral=neutral,
         frame_to_crop=frame_to_crop,
         mask=mask,
-        paste=build_paste_map(hw, frame_to_crop, mask),
+        paste=build_paste_map((frame.shape[0], frame.shape[1]), frame_to_crop, mask),
         key=key,
+        photo_to_frame=framing.photo_to_frame,
+        photo_landmarks=np.asarray(points, dtype=np.float32),
+        check=check,
     )
 
 
@@ -616,6 +949,49 @@ def prepare_avatar_from_path(
     image = load_image(path, cfg)
     points = load_landmarks_json(landmarks_path) if landmarks_path is not None else None
     return prepare_avatar(image, cfg, landmarks=points, detector=detector, source_name=str(path))
+
+
+@dataclass(frozen=True)
+class AvatarSource:
+    """A photo named by the user (or the default face), its face found and judged.
+
+    Everything about the avatar that needs no model: the commands build it before loading one,
+    so a photo that cannot work fails in a second, not after the model has loaded.
+    """
+
+    image: np.ndarray
+    face: LocatedFace
+    name: str
+
+
+def load_avatar_source(
+    image_path: str | Path | None,
+    landmarks_path: str | Path | None,
+    cfg: AvatarConfig,
+    detector: LandmarkDetector | None = None,
+) -> AvatarSource:
+    """Load the photo (None: the bundled default face) and :func:`locate_face` in it.
+
+    Raises:
+        InputError: unreadable photo or landmarks file, no face, a face that cannot be
+            animated well (unless ``cfg.check_quality`` is off).
+    """
+    landmarks = load_landmarks_json(landmarks_path) if landmarks_path is not None else None
+    if image_path is None:
+        image = default_image()
+        if landmarks is None:
+            landmarks = default_landmarks()
+        name = "the default face"
+    else:
+        image = load_image(image_path, cfg)
+        name = str(image_path)
+    face = locate_face(image, cfg, landmarks=landmarks, detector=detector, source_name=name)
+    return AvatarSource(image=image, face=face, name=name)
+
+
+def prepare_avatar_source(source: AvatarSource, cfg: AvatarConfig) -> Avatar:
+    """:func:`prepare_avatar` for a :func:`load_avatar_source` result (``cfg`` sets the crop)."""
+    return prepare_avatar(source.image, cfg, face=source.face, source_name=source.name)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -642,6 +1018,9 @@ def _main(argv: list[str] | None = None) -> int:
 __all__ = [
     "CACHE_FORMAT_VERSION",
     "Avatar",
+    "AvatarSource",
+    "Framing",
+    "LocatedFace",
     "alignment_transform",
     "apply_affine",
     "canonical_eye_mouth",
@@ -649,11 +1028,17 @@ __all__ = [
     "default_image",
     "default_landmarks",
     "face_anchors",
+    "face_height",
     "face_mask",
+    "frame_photo",
+    "judge_face",
+    "load_avatar_source",
     "load_image",
+    "locate_face",
     "norm_to_crop_px",
     "prepare_avatar",
     "prepare_avatar_from_path",
+    "prepare_avatar_source",
     "warp_crop",
 ]
 

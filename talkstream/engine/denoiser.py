@@ -363,6 +363,7 @@ class TalkFormerDenoiser(nn.Module):
             # sigmoid(3) = 0.95 at init: training starts from "copy the photo".
             self.pixel_head = nn.Conv2d(w0, 3, 3, padding=1)
             nn.init.zeros_(self.pixel_head.weight)
+            assert self.pixel_head.bias is not None
             with torch.no_grad():
                 self.pixel_head.bias.copy_(torch.tensor([0.0, 0.0, 3.0]))
 

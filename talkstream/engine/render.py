@@ -28,12 +28,10 @@ from talkstream.config import FPS, SAMPLE_RATE_HZ, RenderConfig
 from talkstream.engine.audio import AudioFileReader
 from talkstream.engine.avatar import (
     Avatar,
-    default_image,
-    default_landmarks,
-    load_image,
-    prepare_avatar,
+    AvatarSource,
+    load_avatar_source,
+    prepare_avatar_source,
 )
-from talkstream.engine.landmarks import load_landmarks_json
 from talkstream.engine.motion import frames_for_samples
 from talkstream.engine.pipeline import Engine, Frame
 from talkstream.errors import InputError
@@ -63,19 +61,20 @@ class RenderResult:
         return self.frames / self.wall_s if self.wall_s > 0 else float("inf")
 
 
-def load_avatar_for_render(cfg: RenderConfig, crop_size: int) -> Avatar:
-    """The avatar the render config names (the bundled astronaut by default)."""
+def load_source_for_render(cfg: RenderConfig) -> AvatarSource:
+    """The photo the render config names (the bundled astronaut by default), its face found and
+    judged: an unusable photo fails here, before any model loads."""
+    return load_avatar_source(cfg.image, cfg.landmarks, cfg.engine.avatar)
+
+
+def load_avatar_for_render(
+    cfg: RenderConfig, crop_size: int, source: AvatarSource | None = None
+) -> Avatar:
+    """The avatar the render config names, framed by ``cfg.engine.avatar.framing``."""
     acfg = dataclasses.replace(cfg.engine.avatar, crop_size=crop_size)
-    landmarks = load_landmarks_json(cfg.landmarks) if cfg.landmarks is not None else None
-    if cfg.image is None:
-        image = default_image()
-        if landmarks is None:
-            landmarks = default_landmarks()
-        name = "the default face"
-    else:
-        image = load_image(cfg.image, acfg)
-        name = str(cfg.image)
-    return prepare_avatar(image, acfg, landmarks=landmarks, source_name=name)
+    if source is None:
+        source = load_source_for_render(cfg)
+    return prepare_avatar_source(source, acfg)
 
 
 def check_out_path(out: Path) -> None:
@@ -195,13 +194,15 @@ def render_to_file(
     # Open the inputs before loading any model: bad inputs fail fast.
     reader = AudioFileReader(audio_path)
     own_engine = engine is None
-    eng = engine if engine is not None else Engine(cfg.engine)
+    eng: Engine | None = None
     try:
-        avatar = load_avatar_for_render(cfg, eng.crop_size)
+        source = load_source_for_render(cfg)
+        eng = engine if engine is not None else Engine(cfg.engine)
+        avatar = load_avatar_for_render(cfg, eng.crop_size, source)
         return _render(cfg, eng, avatar, reader, out, on_frame)
     finally:
         reader.close()
-        if own_engine:
+        if own_engine and eng is not None:
             eng.close()
 
 

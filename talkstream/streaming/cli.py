@@ -28,6 +28,7 @@ def add_parser(
     engine_config: Callable[[argparse.Namespace], EngineConfig],
 ) -> None:
     """Register ``serve`` on the ``talkstream`` command's subparsers."""
+    from talkstream.cli import add_photo_args
     from talkstream.streaming.config import StreamConfig  # no aiortc: safe for --help
 
     p = sub.add_parser(
@@ -62,6 +63,7 @@ def add_parser(
         default=None,
         help="JSON with the photo's 68 iBUG landmarks, instead of detecting them",
     )
+    add_photo_args(p)
     p.add_argument(
         "--compute-budget-ms",
         type=float,

@@ -337,19 +337,22 @@ def run_live(
     """Capture ``device`` and send the avatar to ``cfg.output`` until done or ``stop`` is set."""
     from talkstream.config import RenderConfig
     from talkstream.engine.pipeline import Engine
-    from talkstream.engine.render import check_out_path, load_avatar_for_render
+    from talkstream.engine.render import (
+        check_out_path,
+        load_avatar_for_render,
+        load_source_for_render,
+    )
     from talkstream.streaming.mic import MicCapture
 
     cfg.validate()
     if cfg.output == "file":
         check_out_path(cfg.out)
+    rcfg = RenderConfig(out=cfg.out, image=cfg.image, landmarks=cfg.landmarks, engine=cfg.engine)
+    source = load_source_for_render(rcfg)  # an unusable photo fails before the model loads
     own_engine = engine is None
     eng = engine if engine is not None else Engine(cfg.engine)
     try:
-        rcfg = RenderConfig(
-            out=cfg.out, image=cfg.image, landmarks=cfg.landmarks, engine=cfg.engine
-        )
-        avatar = load_avatar_for_render(rcfg, eng.crop_size)
+        avatar = load_avatar_for_render(rcfg, eng.crop_size, source)
         warm_s = warm_up(eng, avatar)
         log.info("warm-up %.2f s", warm_s)
         session = eng.session(avatar)
@@ -409,6 +412,8 @@ def add_parser(
     engine_config: Callable[[argparse.Namespace], EngineConfig],
 ) -> None:
     """Register ``talkstream live`` (light: PyAudio and the engine load only when it runs)."""
+    from talkstream.cli import add_photo_args
+
     p = sub.add_parser(
         "live",
         help="speak into a microphone; the avatar speaks on a virtual camera or into an mp4",
@@ -451,6 +456,7 @@ def add_parser(
     p.add_argument(
         "--landmarks", type=Path, default=None, help="JSON with the photo's 68 iBUG landmarks"
     )
+    add_photo_args(p)
     p.add_argument(
         "--pace-input",
         action="store_true",

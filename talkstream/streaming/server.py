@@ -44,12 +44,10 @@ from aiohttp import WSMsgType, web
 from talkstream.config import FPS, SAMPLE_RATE_HZ
 from talkstream.engine.avatar import (
     Avatar,
-    default_image,
-    default_landmarks,
-    load_image,
-    prepare_avatar,
+    AvatarSource,
+    load_avatar_source,
+    prepare_avatar_source,
 )
-from talkstream.engine.landmarks import load_landmarks_json
 from talkstream.engine.pipeline import Engine
 from talkstream.streaming.config import ServeConfig
 from talkstream.streaming.media import (
@@ -133,19 +131,16 @@ async def read_offer(request: web.Request, cfg: ServeConfig) -> str:
     return sdp
 
 
-def load_avatar(cfg: ServeConfig, crop_size: int) -> Avatar:
-    """The avatar the config names (the bundled astronaut by default)."""
+def load_source(cfg: ServeConfig) -> AvatarSource:
+    """The photo the config names (the bundled astronaut by default), its face found and
+    judged: an unusable photo fails here, before any model loads."""
+    return load_avatar_source(cfg.image, cfg.landmarks, cfg.engine.avatar)
+
+
+def load_avatar(cfg: ServeConfig, crop_size: int, source: AvatarSource | None = None) -> Avatar:
+    """The avatar the config names, framed by ``cfg.engine.avatar.framing``."""
     acfg = dataclasses.replace(cfg.engine.avatar, crop_size=crop_size)
-    landmarks = load_landmarks_json(cfg.landmarks) if cfg.landmarks is not None else None
-    if cfg.image is None:
-        return prepare_avatar(
-            default_image(),
-            acfg,
-            landmarks=default_landmarks() if landmarks is None else landmarks,
-            source_name="the default face",
-        )
-    image = load_image(cfg.image, acfg)
-    return prepare_avatar(image, acfg, landmarks=landmarks, source_name=str(cfg.image))
+    return prepare_avatar_source(source if source is not None else load_source(cfg), acfg)
 
 
 def warm_up(engine: Engine, avatar: Avatar) -> float:
@@ -503,9 +498,10 @@ def run(cfg: ServeConfig) -> int:
 
     if cfg.ice_loopback_only:
         use_loopback_ice()
+    source = load_source(cfg)
     engine = Engine(cfg.engine)
     try:
-        avatar = load_avatar(cfg, engine.crop_size)
+        avatar = load_avatar(cfg, engine.crop_size, source)
         engine.prepare(avatar)
         took = warm_up(engine, avatar)
         log.info("warm-up took %.1f s", took)
@@ -521,4 +517,13 @@ def run(cfg: ServeConfig) -> int:
     return 0
 
 
-__all__ = ["create_app", "load_avatar", "mouth_box", "read_body", "run", "serve", "warm_up"]
+__all__ = [
+    "create_app",
+    "load_avatar",
+    "load_source",
+    "mouth_box",
+    "read_body",
+    "run",
+    "serve",
+    "warm_up",
+]

@@ -35,6 +35,17 @@ examples:
 """
 
 
+EVAL_EPILOG = """\
+examples:
+  talkstream eval --corpus runs/default_tiny/corpus                the corpus's held-out clips
+  talkstream eval --faces ../shared/data/faces/bioguide --cache runs/default_tiny/faces
+                                              24 held-out people + darker/painting/drawing
+                                              copies + the astronaut; eval_faces.json and
+                                              eval_faces_sheets/*.png
+  talkstream eval --faces my_photos --split all --max-faces 8 --seconds 2
+"""
+
+
 def add_parser(
     sub: Any,
     add_engine_args: Callable[[argparse.ArgumentParser], None],
@@ -113,12 +124,25 @@ def add_parser(
 
     v = sub.add_parser(
         "eval",
-        help="measure a checkpoint on a corpus's held-out split",
-        description="LMD of AudioToMotion, PSNR/SSIM of the student and the teacher, lip sync "
-        "measured by dlib on rendered frames against the phoneme-derived mouth opening, "
-        "detector hit rate and flicker on silence vs speech. Prints a table, writes JSON.",
+        help="measure a checkpoint on a corpus's held-out split, or on held-out faces",
+        description="--corpus: LMD of AudioToMotion, PSNR/SSIM of the student and the teacher, "
+        "lip sync measured by dlib on rendered frames against the phoneme-derived mouth "
+        "opening, detector hit rate and flicker on silence vs speech. --faces: the engine "
+        "animates held-out people of a photo folder (plus recoloured, painted and drawn "
+        "copies and the astronaut); per face and per group: dlib identity distance to the "
+        "photo, lip sync r, detection rate, PSNR outside the mouth, flicker; one contact "
+        "sheet per face. Prints a table, writes JSON.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVAL_EPILOG,
     )
-    v.add_argument("--corpus", type=Path, required=True, help="corpus folder (talkstream corpus)")
+    what = v.add_mutually_exclusive_group(required=True)
+    what.add_argument("--corpus", type=Path, help="corpus folder (talkstream corpus)")
+    what.add_argument(
+        "--faces",
+        type=Path,
+        metavar="DIR",
+        help="folder of portrait photos (as for train --faces): evaluate held-out identities",
+    )
     v.add_argument(
         "--checkpoint", type=Path, default=None, help="checkpoint (default: the shipped one)"
     )
@@ -126,7 +150,11 @@ def add_parser(
     v.add_argument(
         "--teacher", type=Path, default=None, help="teacher checkpoint (default CHECKPOINT/teacher)"
     )
-    v.add_argument("--split", default="heldout", help="corpus split (heldout)")
+    v.add_argument(
+        "--split",
+        default="heldout",
+        help="corpus split, or face-set split for --faces: heldout, train or all (heldout)",
+    )
     v.add_argument(
         "--student-steps", type=int, nargs="+", default=[1, 2], help="student steps (1 2)"
     )
@@ -140,7 +168,40 @@ def add_parser(
     v.add_argument("--device", default="cpu", help="torch device (cpu)")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     v.add_argument("--no-lip-sync", action="store_true", help="skip the dlib measurements")
-    v.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON output (eval.json)")
+    v.add_argument(
+        "--out", type=Path, default=None, help="JSON output (eval.json; eval_faces.json)"
+    )
+    f = v.add_argument_group("--faces options")
+    f.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="the face set's cache (e.g. runs/default_tiny/faces; built there if absent); "
+        "default: detect only the held-out photos picked",
+    )
+    f.add_argument("--max-faces", type=int, default=24, help="held-out faces to animate (24)")
+    f.add_argument("--seconds", type=float, default=3.0, help="seconds of speech per sentence (3)")
+    f.add_argument("--sentences", type=int, default=2, help="held-out sentences per face (2)")
+    f.add_argument(
+        "--styled",
+        type=int,
+        default=None,
+        help="faces per darker/painting/drawing group (default: max-faces / 4, 1 to 3)",
+    )
+    f.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="contact sheets and generated inputs (default: next to --out, *_sheets)",
+    )
+    f.add_argument(
+        "--meta", type=Path, default=None, help="CSV file,name,born (default: DIR.csv if present)"
+    )
+    f.add_argument(
+        "--identity-frames", type=int, default=12, help="frames per face for identity (12)"
+    )
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=_cmd_eval)
 
     # `corpus` belongs to the corpus generator; forward to its own parser when it runs, so
@@ -267,6 +328,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    if a.faces is not None:
+        return _cmd_eval_faces(a)
+    if a.out is None:
+        a.out = Path("eval.json")
     ckpt = a.checkpoint or default_checkpoint(a.preset)
     if ckpt is None:
         raise TalkstreamError(
@@ -291,6 +356,48 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(res.to_json() + "\n")
     print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_eval_faces(a: argparse.Namespace) -> int:
+    from talkstream.training.face_eval import FaceEvalConfig, evaluate_faces, format_faces_table
+
+    if a.max_faces < 0:
+        raise TalkstreamError(f"--max-faces must be >= 0, got {a.max_faces}")
+    if a.sentences < 1:
+        raise TalkstreamError(f"--sentences must be >= 1, got {a.sentences}")
+    if not a.faces.is_dir():
+        raise TalkstreamError(f"--faces {a.faces}: no such folder")
+    if a.cache is not None and a.cache.exists() and not a.cache.is_dir():
+        raise TalkstreamError(f"--cache {a.cache} is a file, not a folder")
+    if a.meta is not None and not a.meta.is_file():
+        raise TalkstreamError(f"--meta {a.meta}: no such file")
+    out = a.out if a.out is not None else Path("eval_faces.json")
+    out_dir = a.out_dir if a.out_dir is not None else out.with_name(out.stem + "_sheets")
+    cfg = FaceEvalConfig(
+        faces=a.faces,
+        cache=a.cache,
+        checkpoint=a.checkpoint,
+        preset=a.preset,
+        split=a.split,
+        max_faces=a.max_faces,
+        styled=a.styled,
+        seconds=a.seconds,
+        sentences=a.sentences,
+        meta=a.meta,
+        out_dir=out_dir,
+        identity_frames=a.identity_frames,
+        seed=a.seed,
+        device=a.device,
+        threads=a.threads,
+        progress=not a.no_progress,
+    )
+    res = evaluate_faces(cfg)
+    print(format_faces_table(res))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(res.to_json() + "\n")
+    sheets = sum(1 for r in res.faces if r.get("sheet"))
+    print(f"wrote {out}; {sheets} contact sheets in {out_dir}")
     return 0
 
 

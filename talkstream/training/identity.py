@@ -171,9 +171,7 @@ class FaceIdentity:
             from PIL import Image
 
             h, w = img.shape[:2]
-            img = np.asarray(
-                Image.fromarray(img).resize((2 * w, 2 * h), Image.Resampling.BICUBIC)
-            )
+            img = np.asarray(Image.fromarray(img).resize((2 * w, 2 * h), Image.Resampling.BICUBIC))
             pts = (pts + 0.5) * 2.0 - 0.5
         x0, y0 = pts.min(axis=0)
         x1, y1 = pts.max(axis=0)
