@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ needs_bioguide = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def identity():  # type: ignore[no-untyped-def]
+def identity() -> Any:
     pytest.importorskip("dlib", reason="dlib (the 'detect' extra) is not installed")
     from talkstream.errors import MissingDependencyError
     from talkstream.training.identity import FaceIdentity
@@ -78,7 +79,7 @@ def _heldout_usable(n: int) -> list[Path]:
 # ----------------------------------------------------------------------------- identity
 
 
-def test_identity_same_face_scores_about_zero(identity) -> None:  # type: ignore[no-untyped-def]
+def test_identity_same_face_scores_about_zero(identity: Any) -> None:
     a = default_image()
     assert identity.distance(a, a) == pytest.approx(0.0, abs=1e-6)
     # Re-encoded as JPEG and shifted by a few pixels: still the same face.
@@ -88,7 +89,7 @@ def test_identity_same_face_scores_about_zero(identity) -> None:  # type: ignore
 
 
 @needs_bioguide
-def test_identity_different_person_scores_above_threshold(identity) -> None:  # type: ignore[no-untyped-def]
+def test_identity_different_person_scores_above_threshold(identity: Any) -> None:
     photos = _heldout_usable(2)
     assert len(photos) == 2
     astronaut = default_image()
@@ -100,7 +101,7 @@ def test_identity_different_person_scores_above_threshold(identity) -> None:  # 
     assert d is not None and d > 0.5, d
 
 
-def test_compare_leaves_faceless_frames_out_of_the_distance(identity) -> None:  # type: ignore[no-untyped-def]
+def test_compare_leaves_faceless_frames_out_of_the_distance(identity: Any) -> None:
     a = default_image()
     grey = np.full_like(a, 128)
     res = identity.compare(a, [a, grey, _reencoded(a, (2, 2), 80)])
@@ -188,19 +189,21 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "no such folder" in err and "\n" not in err
     assert main(["eval", "--faces", str(tmp_path), "--split", "bogus"]) == 2
     assert "--split" in capsys.readouterr().err
+    # --corpus still goes to the corpus eval (which wants a corpus manifest).
+    assert main(["eval", "--corpus", str(tmp_path), "--no-lip-sync"]) == 2
+    assert "manifest" in capsys.readouterr().err
     for argv in (["eval"], ["eval", "--faces", str(tmp_path), "--corpus", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
 
 
-@pytest.mark.slow
 @needs_bioguide
 @pytest.mark.usefixtures("one_thread")
 def test_eval_faces_end_to_end(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    identity,  # type: ignore[no-untyped-def]
+    identity: Any,
 ) -> None:
     from talkstream.training.espeak import espeak_available
 

@@ -108,7 +108,8 @@ def test_plugin_graph_keeps_kernels_as_tensorrt_plugin_nodes(graphs: OnnxGraphs)
         cfg.blocks[lvl] for lvl in cfg.attn_levels if lvl < len(cfg.widths) - 1
     )
     assert kinds.count("landmark_attention") == n_attn
-    assert kinds.count("warp_blend") == len(cfg.widths)
+    # One per U-Net level, plus the pixel-space warp of the photo at the output.
+    assert kinds.count("warp_blend") == len(cfg.widths) + int(cfg.pixel_warp)
     assert "GridSample" not in {n.op_type for n in model.graph.node}
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -22,6 +22,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from talkstream.engine.avatar import warp_crop
+from talkstream.training.frames import MouthStyle
 
 __all__ = [
     "MIRROR_68",
@@ -181,7 +182,9 @@ def apply_geometry(
     return out, lm.astype(landmarks.dtype)
 
 
-def draw_mouth_style(rng: np.random.Generator, base: object, enabled: bool = True) -> object:
+def draw_mouth_style(
+    rng: np.random.Generator, base: MouthStyle, enabled: bool = True
+) -> MouthStyle:
     """A random variant of a measured ``MouthStyle`` (teeth, cavity, tongue, teeth sizes)."""
     from dataclasses import replace
 
@@ -194,11 +197,15 @@ def draw_mouth_style(rng: np.random.Generator, base: object, enabled: bool = Tru
     )
     cavity = np.asarray(base.cavity) * rng.uniform(0.5, 1.6, size=3)
     tongue = np.asarray(base.tongue) * rng.uniform(0.75, 1.2, size=3)
+    def rgb(c: np.ndarray) -> tuple[float, float, float]:
+        r, g, b = (float(v) for v in np.clip(c, 0, 255))
+        return (r, g, b)
+
     return replace(
         base,
-        teeth=tuple(float(v) for v in np.clip(teeth, 0, 255)),
-        cavity=tuple(float(v) for v in np.clip(cavity, 0, 255)),
-        tongue=tuple(float(v) for v in np.clip(tongue, 0, 255)),
+        teeth=rgb(teeth),
+        cavity=rgb(cavity),
+        tongue=rgb(tongue),
         upper_teeth_w=float(rng.uniform(0.04, 0.14)),
         lower_teeth_w=float(rng.uniform(0.0, 0.06)),
     )

@@ -166,7 +166,9 @@ def add_parser(
     v.add_argument("--seed", type=int, default=0, help="session noise seed (0)")
     v.add_argument("--batch", type=int, default=16, help="frames per denoiser call (16)")
     v.add_argument("--device", default="cpu", help="torch device (cpu)")
-    v.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    v.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (--faces: 1 unless given)"
+    )
     v.add_argument("--no-lip-sync", action="store_true", help="skip the dlib measurements")
     v.add_argument(
         "--out", type=Path, default=None, help="JSON output (eval.json; eval_faces.json)"
@@ -389,7 +391,7 @@ def _cmd_eval_faces(a: argparse.Namespace) -> int:
         identity_frames=a.identity_frames,
         seed=a.seed,
         device=a.device,
-        threads=a.threads,
+        threads=a.threads if a.threads is not None else 1,
         progress=not a.no_progress,
     )
     res = evaluate_faces(cfg)

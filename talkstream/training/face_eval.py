@@ -15,11 +15,12 @@ repository): a few held-out colour photos recoloured to a **darker** skin tone, 
 **painting** and as a pencil **drawing**, and the bundled **astronaut** (skimage's, a woman who
 is not in the face set).
 
-**Speech.** The same few held-out sentences for every face (English sentences that the
-synthetic corpus of ``--speech-seed``, the training config's corpus seed, holds out, spoken by
-its held-out espeak-ng voice variants), each cut to ``--seconds``; each starts with 0.5 s of
-silence. The phoneme timings give the reference mouth opening, through the same visemes and
-the face's own mouth geometry as the corpus (:mod:`talkstream.training.visemes`).
+**Speech.** The same few held-out sentences for every face (``--sentences``, 2): English
+sentences that the synthetic corpus of the checkpoint's training seed (``data.build.seed`` in
+its metadata, else 0) holds out, spoken by that corpus's held-out espeak-ng voice variants,
+each cut to ``--seconds`` (3) and starting with 0.5 s of silence. The phoneme timings give
+the reference mouth opening, through the same visemes and the face's own mouth geometry as
+the corpus (:mod:`talkstream.training.visemes`).
 
 **Rendering.** The real engine (:class:`~talkstream.engine.pipeline.Engine`, shipped checkpoint
 unless ``--checkpoint``): ``prepare_avatar``, one session per sentence, audio pushed, frames
@@ -86,6 +87,7 @@ __all__ = [
     "FaceEvalConfig",
     "FaceEvalResult",
     "colourfulness",
+    "contact_sheet",
     "darker_skin",
     "drawing",
     "evaluate_faces",
@@ -94,6 +96,7 @@ __all__ = [
     "is_colour",
     "is_female_name",
     "lower_face_mask",
+    "outside_mouth_region",
     "painting",
     "read_meta",
 ]
@@ -210,8 +213,8 @@ def colourfulness(image: np.ndarray) -> float:
     lum = x.mean(axis=1)
     b = np.clip((lum / 8.0).astype(np.int64), 0, 31)
     cnt = np.bincount(b, minlength=32)
-    means = np.stack([np.bincount(b, x[:, c], minlength=32) for c in range(3)], axis=1)
-    means = means / np.maximum(cnt, 1)[:, None]  # (32, 3)
+    sums = np.stack([np.bincount(b, x[:, c], minlength=32) for c in range(3)], axis=1)
+    means = sums / np.maximum(cnt, 1)[:, None]  # (32, 3)
     r = x - means[b]
     return float(np.abs(r - r.mean(axis=1, keepdims=True)).sum(axis=1).mean() / 255.0)
 
@@ -377,7 +380,9 @@ class FaceEvalConfig:
     astronaut: bool = True
     seed: int | None = None  # session noise (None: the engine's)
     device: str = "cpu"
-    threads: int | None = None
+    # torch threads. 1 by default: the tiny model gains little from more, and on a busy
+    # machine (training on the same cores) a second thread spin-waits: 4x slower measured.
+    threads: int | None = 1
     progress: bool = True
 
     def n_styled(self) -> int:
@@ -533,7 +538,7 @@ class _Picker:
 
     def pick(self, cands: Sequence[_Candidate], n: int) -> list[_Candidate]:
         preds: list[Callable[[_Candidate], bool]] = [
-            lambda c: bool(c.meta) and is_female_name(c.meta.get("name", "")),
+            lambda c: is_female_name((c.meta or {}).get("name", "")),
             lambda c: (_born(c.meta) or 0) >= YOUNG_BORN,
             lambda c: self.colour(c) is False,
             lambda c: self.colour(c) is True,
@@ -587,7 +592,9 @@ def _select_faces(
         )
     faces: list[_Face] = []
     for c in picked:
-        image, pts = picker.photo(c)  # type: ignore[misc]
+        ph = picker.photo(c)
+        assert ph is not None  # picked only when usable
+        image, pts = ph
         colour = bool(picker.colour(c))
         groups = ["heldout" if cfg.split == "heldout" else cfg.split, "colour" if colour else "bw"]
         born = _born(c.meta)
@@ -605,13 +612,14 @@ def _select_faces(
         faces.append(_Face(Path(c.file).stem, groups, image, pts, info))
 
     k = cfg.n_styled()
-    colour_faces = [f for f in faces if "colour" in f.groups]
+    held = list(faces)
+    colour_faces = [f for f in held if "colour" in f.groups]
     # Painting: colour photos first (a painting is in colour); drawing: any.
-    by_colour = colour_faces + [f for f in faces if "colour" not in f.groups]
+    by_colour = colour_faces + [f for f in held if "colour" not in f.groups]
     derived: list[tuple[str, list[_Face], Callable[[np.ndarray, np.ndarray], np.ndarray]]] = [
         ("darker", colour_faces, darker_skin),
         ("painting", by_colour, painting),
-        ("drawing", faces, drawing),
+        ("drawing", held, drawing),
     ]
     for group, sources, fn in derived:
         for src in sources[:k]:
@@ -713,7 +721,7 @@ def _crop_engine_class() -> type:
     """An :class:`Engine` that keeps the renderer's raw crops of its last ``render`` call."""
     from talkstream.engine.pipeline import Engine
 
-    class _CropEngine(Engine):  # type: ignore[misc, valid-type]
+    class _CropEngine(Engine):
         last_crops: np.ndarray | None = None
 
         def _denoise(self, items: Any, target: Any) -> np.ndarray:
@@ -910,14 +918,17 @@ def evaluate_faces(cfg: FaceEvalConfig) -> FaceEvalResult:
         raise InputError(f"--seconds must be positive, got {cfg.seconds}")
     if cfg.checkpoint is not None and not (Path(cfg.checkpoint) / "config.json").is_file():
         raise InputError(f"--checkpoint {cfg.checkpoint}: no config.json there")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    threads_before = torch.get_num_threads()
     detector = DlibDetector()
     ident = FaceIdentity(detector)
     ecfg = EngineConfig(
         preset=cfg.preset, checkpoint=cfg.checkpoint, device=cfg.device, threads=cfg.threads
     )
-    engine = _crop_engine_class()(ecfg)
+    try:
+        engine = _crop_engine_class()(ecfg)  # sets torch's thread count (ecfg.threads)
+    except BaseException:
+        torch.set_num_threads(threads_before)
+        raise
     acfg = dataclasses.replace(ecfg.avatar, crop_size=engine.crop_size)
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     try:
@@ -985,9 +996,10 @@ def evaluate_faces(cfg: FaceEvalConfig) -> FaceEvalResult:
         bar.close()
     finally:
         engine.close()
+        torch.set_num_threads(threads_before)
 
     groups: dict[str, dict[str, Any]] = {}
-    order = [cfg.split if cfg.split != "heldout" else "heldout", *GROUPS[1:]]
+    order = [cfg.split, *GROUPS[1:]]  # heldout, or the split asked for
     for g in order:
         members = [r for r in rows if g in r["groups"] and "error" not in r]
         groups[g] = {

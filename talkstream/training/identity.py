@@ -57,7 +57,7 @@ def recognition_model_path() -> Path | None:
     looked up next to the package without importing it.
     """
     try:
-        import face_recognition_models  # type: ignore[import-not-found]
+        import face_recognition_models
 
         p = Path(face_recognition_models.face_recognition_model_location())
         if p.is_file():

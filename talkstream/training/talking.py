@@ -135,6 +135,7 @@ class TalkingFaces(TrainData):
         """One training pair (numpy): ref, frame, landmarks, neutral, speech (crop px)."""
         j = int(rng.integers(len(self.faces))) if identity is None else identity
         c = self.clips[clip]
+        assert c.params is not None  # checked in __init__
         s = self.crop_size
         neutral = self.faces.neutral[j].astype(np.float64)  # (68, 2) px
         speech = params_to_landmarks(self._geoms[j], c.params[frame]).astype(np.float64)
@@ -152,6 +153,7 @@ class TalkingFaces(TrainData):
         g = draw_geometry(rng, cfg, s)
         ref_g, neutral_g = apply_geometry(ref, neutral, g)
         img_g, lm_g = apply_geometry(img, target_lm, g)
+        assert neutral_g is not None and lm_g is not None
         speech_g = speech @ g.matrix[:, :2].T + g.matrix[:, 2]
         if g.flip:
             speech_g = speech_g[MIRROR_68]
@@ -162,7 +164,7 @@ class TalkingFaces(TrainData):
             "landmarks": lm_g.astype(np.float32),
             "neutral": neutral_g.astype(np.float32),
             "speech": speech_g.astype(np.float32),
-            "identity": np.int64(j),
+            "identity": np.asarray(j, dtype=np.int64),
         }
 
     # -- batches ---------------------------------------------------------------------------

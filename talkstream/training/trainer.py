@@ -325,7 +325,7 @@ def prepare_faces(cfg: TrainConfig, dist: DistInfo) -> FaceSet | None:
         crop_size=_arch(cfg)[1].image_size,
         heldout_fraction=cfg.data.faces_heldout,
         max_photos=cfg.data.faces_max,
-        workers=max(1, cfg.threads),
+        workers=max(1, cfg.threads or 2),
     )
     if dist.is_main:
         build_face_set(cfg.data.faces, out, fcfg, progress=cfg.progress)
