@@ -648,6 +648,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--landmark-gain", type=float, default=30.0, help="random weights only, see the docstring"
     )
     ap.add_argument("--raw-out", type=Path, default=None, help="also save the raw probe + trace")
+    ap.add_argument(
+        "--framing",
+        default="call",
+        help="output framing of the default face (call = 640x480, the serve default; full = "
+        "the 512x512 photo, as measured before 2026-12-05)",
+    )
+    ap.add_argument(
+        "--frame-size",
+        type=lambda v: tuple(int(x) for x in v.lower().split("x")),
+        default=None,
+        metavar="WxH",
+        help="output frame size instead of the framing's own",
+    )
     ap.add_argument("--skip-browser", action="store_true")
     ap.add_argument("--skip-concurrency", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/stream_latency.json"))
@@ -659,7 +672,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from talkstream.streaming.server import warm_up
 
     engine = build_engine(args)
-    avatar = prepare_avatar(default_image(), AvatarConfig(), landmarks=default_landmarks())
+    avatar = prepare_avatar(
+        default_image(),
+        AvatarConfig(framing=args.framing, frame_size=args.frame_size),
+        landmarks=default_landmarks(),
+    )
     warm_up(engine, avatar)
     rep = Report(
         machine=f"{platform.machine()} CPU, {os.cpu_count()} cores",
