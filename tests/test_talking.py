@@ -25,7 +25,13 @@ from talkstream.training.talking import (
 )
 from talkstream.training.trainer import DiffusionTask
 from talkstream.training.visemes import MouthGeometry, params_to_landmarks
-from tests.test_train_support import MOTION_ARCH, default_crop, one_thread, tiny_data  # noqa: F401
+from tests.test_train_support import (  # noqa: F401 (one_thread: a fixture)
+    DENOISER_ARCH,
+    MOTION_ARCH,
+    default_crop,
+    one_thread,
+    tiny_data,
+)
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,18 +158,7 @@ def test_motion_batches_use_every_face_shape() -> None:
 
 
 def test_one_training_step_on_several_identities(talking: TalkingFaces) -> None:
-    arch = {
-        "image_size": SIZE,
-        "patch": 4,
-        "widths": [8, 16],
-        "blocks": [1, 1],
-        "attn_levels": [1],
-        "heads": 2,
-        "token_dim": 16,
-        "time_dim": 16,
-        "flow_hidden": 8,
-        "norm_groups": 4,
-    }
+    arch = {**DENOISER_ARCH, "image_size": SIZE}
     torch.manual_seed(0)
     net = TalkFormerDenoiser(DenoiserConfig.from_dict({**DenoiserConfig().to_dict(), **arch}))
     assert net.cfg.pixel_warp

@@ -64,7 +64,28 @@ def _renderer_cls() -> Any:
     return FrameRenderer
 
 
-class TalkingFaces(TrainData):
+class AnyFaceMotion(TrainData):
+    """A landmark-only corpus whose motion batches use the face set's identities."""
+
+    def __init__(self, base: TrainData, faces: FaceSet) -> None:
+        self.__dict__.update(base.__dict__)
+        self.faces = faces
+        self._geoms = [MouthGeometry.from_neutral(n) for n in faces.neutral]
+
+    def motion_batch(
+        self,
+        rng: np.random.Generator,
+        n: int,
+        seq_len: int,
+        mcfg: MotionConfig,
+        gain_jitter_db: float = 0.0,
+    ) -> MotionBatch:
+        return motion_batch_any_face(
+            self, self.faces, self._geoms, rng, n, seq_len, mcfg, gain_jitter_db
+        )
+
+
+class TalkingFaces(AnyFaceMotion):
     """A :class:`TrainData` whose frames are rendered for the identities of a face set.
 
     Args:
@@ -244,18 +265,6 @@ class TalkingFaces(TrainData):
     ) -> FrameBatch:
         return self.batch_from_arrays(self.frame_arrays(rng, n, mcfg, gain_jitter_db, picks))
 
-    def motion_batch(
-        self,
-        rng: np.random.Generator,
-        n: int,
-        seq_len: int,
-        mcfg: MotionConfig,
-        gain_jitter_db: float = 0.0,
-    ) -> MotionBatch:
-        return motion_batch_any_face(
-            self, self.faces, self._geoms, rng, n, seq_len, mcfg, gain_jitter_db
-        )
-
 
 def motion_batch_any_face(
     data: TrainData,
@@ -288,27 +297,6 @@ def motion_batch_any_face(
         target=torch.from_numpy(np.concatenate(target).astype(np.float32)),
         seq_len=seq_len,
     )
-
-
-class AnyFaceMotion(TrainData):
-    """A landmark-only corpus whose motion batches use the face set's identities."""
-
-    def __init__(self, base: TrainData, faces: FaceSet) -> None:
-        self.__dict__.update(base.__dict__)
-        self.faces = faces
-        self._geoms = [MouthGeometry.from_neutral(n) for n in faces.neutral]
-
-    def motion_batch(
-        self,
-        rng: np.random.Generator,
-        n: int,
-        seq_len: int,
-        mcfg: MotionConfig,
-        gain_jitter_db: float = 0.0,
-    ) -> MotionBatch:
-        return motion_batch_any_face(
-            self, self.faces, self._geoms, rng, n, seq_len, mcfg, gain_jitter_db
-        )
 
 
 def _copy_renderer(base: Any, reference: np.ndarray, style: Any) -> Any:
