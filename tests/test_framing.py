@@ -142,15 +142,24 @@ def test_small_photo_is_enlarged_at_most_max_upscale(
     assert av.face_height(_frame_points(a)) < 0.4 * 480
 
 
-def test_padding_repeats_the_photo_edge(astronaut: np.ndarray, landmarks: np.ndarray) -> None:
-    """A 1280x720 frame needs more width than the 512 px photo has: the sides repeat its edge."""
+def test_padding_is_a_blurred_backdrop(astronaut: np.ndarray, landmarks: np.ndarray) -> None:
+    """A 1280x720 frame needs more width than the 512 px photo has: the sides show the photo
+    again, blurred and dimmed, not streaks of its edge pixels; the photo itself stays sharp."""
     a = av.prepare_avatar(astronaut, replace(CFG, framing="landscape"), landmarks=landmarks)
     assert a.photo_to_frame is not None
     left = round(a.photo_to_frame[0, 2] + 0.5 - 0.5 * a.photo_to_frame[0, 0])  # photo x=0 edge
-    assert left > 10  # the photo starts this far into the frame
-    np.testing.assert_array_equal(
-        a.image[:, : left - 1], np.repeat(a.image[:, left : left + 1], left - 1, 1)
-    )
+    assert left > 40  # the photo starts this far into the frame
+    side = a.image[:, : left - 20].astype(np.float64)  # (H, w, 3) backdrop, past the fade
+    streak = np.repeat(a.image[:, left : left + 1], left - 20, 1).astype(np.float64)
+    assert np.abs(side - streak).mean() > 10  # not the edge pixels repeated
+    # Blurred: neighbouring backdrop pixels differ far less than the photo's own do.
+    photo = a.image[:, left + 20 : left + 200].astype(np.float64)
+    assert np.abs(np.diff(side, axis=0)).mean() < 0.3 * np.abs(np.diff(photo, axis=0)).mean()
+    # Dimmed: darker than the photo on average.
+    assert side.mean() < photo.mean()
+    # The photo's own pixels are untouched beyond the fade.
+    inner = a.image[:, left + 40 : left + 400]
+    assert inner.std() > 40
 
 
 def test_custom_frame_size(astronaut: np.ndarray, landmarks: np.ndarray) -> None:

@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from talkstream.config import AvatarConfig
 from talkstream.engine.landmarks import (
@@ -417,6 +417,13 @@ def face_height(landmarks: np.ndarray) -> float:
     return _FACE_HEIGHT_PER_BROWS_TO_CHIN * float(np.hypot(*(pts[8] - brows)))
 
 
+# Backdrop where a photo does not fill its frame: blur radius and fade width as fractions of
+# the frame's longer side, and its brightness.
+_BACKDROP_BLUR = 0.03
+_BACKDROP_FADE = 0.02
+_BACKDROP_DIM = 0.6
+
+
 def _place(ideal: float, extent: float, out: int, max_shift: float) -> int:
     """The frame's origin along one axis (scaled-photo pixel edges): ``ideal`` moved by at most
     ``max_shift`` towards the origins that pad least (the frame inside the photo if it fits,
@@ -441,7 +448,7 @@ def _cut(photo: np.ndarray, scale: float, ox: int, oy: int, width: int, height: 
     """The (height, width, 3) frame whose pixel (0, 0) is scaled-photo pixel (ox, oy).
 
     Downscaling averages areas (Pillow's box filter), upscaling is bicubic, scale 1 copies
-    pixels; frame pixels beyond the photo repeat its edge pixels.
+    pixels; frame pixels beyond the photo show a blurred, dimmed backdrop of the photo.
     """
     ih, iw = photo.shape[:2]
     j0, j1 = _inside(ox, width, iw, scale)
@@ -473,9 +480,32 @@ def _cut(photo: np.ndarray, scale: float, ox: int, oy: int, width: int, height: 
             dtype=np.uint8,
         )  # (i1-i0, j1-j0, 3)
     pad = ((i0, height - i1), (j0, width - j1), (0, 0))
-    if any(p for axis in pad for p in axis):
-        part = np.pad(part, pad, mode="edge")
-    return np.ascontiguousarray(part)  # (height, width, 3)
+    if not any(p for axis in pad for p in axis):
+        return np.ascontiguousarray(part)  # (height, width, 3)
+    # The photo does not fill the frame (a small or narrow photo): the rest is the photo again,
+    # scaled to cover the frame, blurred and dimmed (a backdrop, as video players fill a
+    # portrait video's sides), faded into the sharp photo over a few pixels. Repeating the edge
+    # pixels drew long streaks.
+    cover = max(width / iw, height / ih) * 1.0001
+    cx = (ox + 0.5 * width) / scale * cover - 0.5 * width  # the same frame centre
+    cy = (oy + 0.5 * height) / scale * cover - 0.5 * height
+    bx = round(min(max(cx, 0.0), cover * iw - width))
+    by = round(min(max(cy, 0.0), cover * ih - height))
+    bg = _cut(photo, cover, bx, by, width, height)
+    radius = max(2.0, _BACKDROP_BLUR * max(width, height))
+    bg = np.asarray(Image.fromarray(bg).filter(ImageFilter.GaussianBlur(radius)), np.float32)
+    bg *= _BACKDROP_DIM
+    sharp = np.pad(part, pad, mode="edge").astype(np.float32)
+    f = max(1.0, _BACKDROP_FADE * max(width, height))
+    ys = np.arange(height, dtype=np.float32)[:, None]
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    inside = np.minimum(
+        np.minimum(ys - i0 + 1, i1 - ys) if (i0 or i1 < height) else np.full_like(ys, f),
+        np.minimum(xs - j0 + 1, j1 - xs) if (j0 or j1 < width) else np.full_like(xs, f),
+    )  # (H, W): distance inside the photo's part, in pixels (<= 0 outside)
+    w = np.clip(inside / f, 0.0, 1.0)[..., None]
+    out = w * sharp + (1.0 - w) * bg
+    return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
 def frame_photo(photo: np.ndarray, landmarks: np.ndarray, cfg: AvatarConfig) -> Framing:
@@ -488,7 +518,8 @@ def frame_photo(photo: np.ndarray, landmarks: np.ndarray, cfg: AvatarConfig) -> 
     filter; a smaller one is enlarged, but by at most ``cfg.max_upscale`` (the face then stays
     smaller than asked): enlarging further adds only blur. Where the face would leave padding,
     the frame slides towards the inside of the photo by up to 20% of its width / 15% of its
-    height; padding that remains repeats the photo's edge pixels.
+    height; what remains outside the photo is a blurred, dimmed copy of it scaled to cover the
+    frame (a backdrop), faded into the sharp photo.
 
     Args:
         photo: (H, W, 3) uint8 RGB.

@@ -197,6 +197,7 @@ def draw_mouth_style(
     )
     cavity = np.asarray(base.cavity) * rng.uniform(0.5, 1.6, size=3)
     tongue = np.asarray(base.tongue) * rng.uniform(0.75, 1.2, size=3)
+
     def rgb(c: np.ndarray) -> tuple[float, float, float]:
         r, g, b = (float(v) for v in np.clip(c, 0, 255))
         return (r, g, b)
