@@ -28,7 +28,13 @@ from talkstream.training.config import (
 from talkstream.training.dataset import TrainData
 from talkstream.training.distill import DDIMSampler, StudentTask
 from talkstream.training.loop import StepRandom, lr_factor
-from talkstream.training.trainer import DiffusionTask, EndToEndTask, MotionTask, train
+from talkstream.training.trainer import (
+    DiffusionTask,
+    EndToEndTask,
+    MotionTask,
+    one_face_warning,
+    train,
+)
 from tests.test_train_support import (
     DENOISER_ARCH,
     MOTION_ARCH,
@@ -274,3 +280,13 @@ def test_motion_stage_trains_on_its_own_landmark_corpus(tmp_path: Path) -> None:
     bad.write_text('{"data": {"build": {"motion_minutes": 0}}}')
     with pytest.raises(ValueError, match="motion_minutes"):
         load_train_config(bad)
+
+
+def test_one_face_training_is_warned_about(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    msg = one_face_warning(cfg)
+    assert msg is not None and "--faces" in msg
+    assert one_face_warning(apply_overrides(cfg, ['data.faces="photos"'])) is None
+    assert one_face_warning(apply_overrides(cfg, ['data.videos="clips"'])) is None
+    assert one_face_warning(apply_overrides(cfg, ['stages=["motion"]'])) is None
+    assert one_face_warning(apply_overrides(cfg, ['init="ckpt"'])) is None  # enrolment

@@ -337,8 +337,28 @@ def prepare_faces(cfg: TrainConfig, dist: DistInfo) -> FaceSet | None:
     return train
 
 
+def one_face_warning(cfg: TrainConfig) -> str | None:
+    """The warning for a config whose renderer would learn one face only, or None.
+
+    Fine-tuning an existing checkpoint on one photo (``init``: ``talkstream enroll``) is meant
+    to specialise it, so it is not warned about.
+    """
+    renders = any(s in cfg.stages for s in ("teacher", "distill", "e2e"))
+    one_face = cfg.data.faces is None and cfg.data.videos is None
+    if not renders or not one_face or cfg.init is not None:
+        return None
+    return (
+        "training the renderer on one face only (the corpus photo): the model will not render "
+        "other people well. Pass --faces DIR (a folder of portrait photos) for a model that "
+        "animates any face, as the shipped one does"
+    )
+
+
 def prepare_data(cfg: TrainConfig, dist: DistInfo, audio: AudioConfig) -> TrainData:
     """Build (rank 0) or find the data a config names, and load its training split."""
+    warning = one_face_warning(cfg)
+    if warning is not None and dist.is_main:
+        log.warning(warning)
     parts: list[TrainData] = []
     corpus = corpus_dir(cfg)
     faces = prepare_faces(cfg, dist)
