@@ -79,8 +79,9 @@ class LandmarkDetector(Protocol):
         ...
 
 
-def _default_predictor_path() -> Path | None:
-    """Path of the 68-point predictor shipped by ``face-recognition-models``, or None.
+def face_models_file(name: str) -> Path | None:
+    """Path of a model file shipped by ``face-recognition-models`` (in its ``models/``), or
+    None when the package is not installed.
 
     The package is located without importing it: its ``__init__`` imports ``pkg_resources``,
     which recent setuptools no longer provides.
@@ -91,7 +92,12 @@ def _default_predictor_path() -> Path | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / _PREDICTOR_FILE
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / name
+
+
+def _default_predictor_path() -> Path | None:
+    """Path of the 68-point predictor shipped by ``face-recognition-models``, or None."""
+    return face_models_file(_PREDICTOR_FILE)
 
 
 class DlibDetector:

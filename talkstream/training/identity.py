@@ -23,7 +23,6 @@ model, somebody else.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from talkstream.engine.landmarks import DlibDetector, LandmarkDetector
+from talkstream.engine.landmarks import DlibDetector, LandmarkDetector, face_models_file
 from talkstream.errors import MissingDependencyError
 
 __all__ = [
@@ -50,28 +49,9 @@ _MIN_FACE_PX = 100
 
 
 def recognition_model_path() -> Path | None:
-    """The ResNet descriptor model shipped by ``face-recognition-models``, or None.
-
-    ``face_recognition_models.face_recognition_model_location()`` is tried first; its module
-    imports ``pkg_resources``, which recent setuptools no longer provides, so the file is also
-    looked up next to the package without importing it.
-    """
-    try:
-        import face_recognition_models
-
-        p = Path(face_recognition_models.face_recognition_model_location())
-        if p.is_file():
-            return p
-    except Exception:  # ImportError, or pkg_resources missing inside it
-        pass
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(next(iter(spec.submodule_search_locations))) / "models" / _RECOGNITION_FILE
-    return p if p.is_file() else None
+    """The ResNet descriptor model shipped by ``face-recognition-models``, or None."""
+    p = face_models_file(_RECOGNITION_FILE)
+    return p if p is not None and p.is_file() else None
 
 
 def descriptor_distance(a: np.ndarray, b: np.ndarray) -> float:

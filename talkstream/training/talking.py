@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from talkstream.config import AudioConfig
 from talkstream.engine.avatar import crop_px_to_norm
 from talkstream.engine.landmarks import MOTION_POINTS
 from talkstream.engine.motion import MotionConfig
@@ -110,21 +109,14 @@ class TalkingFaces(AnyFaceMotion):
             raise ValueError(
                 f"face crops are {faces.crop_size}px, the corpus is {base.crop_size}px"
             )
-        # Bypass TrainData.__init__'s reference tensors: one per identity would be ~1 GB.
-        self.clips = base.clips
-        self.references = faces.crops[:1]
-        self.audio = base.audio or AudioConfig()
-        self.silence = base.silence
-        self.crop_size = base.crop_size
-        self._starts = base._starts
-        self.total_frames = base.total_frames
+        # References are per sample (rendered with each batch), so the base keeps only one.
+        TrainData.__init__(self, base.clips, faces.crops[:1], base.audio)
         self.faces = faces
         self.augment = augment or AugmentConfig()
         self.seed = seed
         self._geoms = [MouthGeometry.from_neutral(n) for n in faces.neutral]
         self._renderers: OrderedDict[int, Any] = OrderedDict()
         self._cache_size = renderer_cache
-        self.prefetcher: Prefetcher | None = None
         # The renderer warns when a shut inner lip cannot be forced into its mesh: harmless
         # here (the mouth is closed), and thousands of identities would flood the log.
         logging.getLogger("talkstream.training.synthetic").setLevel(logging.ERROR)

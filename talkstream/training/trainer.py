@@ -327,10 +327,10 @@ def prepare_faces(cfg: TrainConfig, dist: DistInfo) -> FaceSet | None:
         max_photos=cfg.data.faces_max,
         workers=max(1, cfg.threads or 2),
     )
-    if dist.is_main:
-        build_face_set(cfg.data.faces, out, fcfg, progress=cfg.progress)
+    fs = build_face_set(cfg.data.faces, out, fcfg, progress=cfg.progress) if dist.is_main else None
     dist.barrier()
-    fs = build_face_set(cfg.data.faces, out, fcfg, progress=False)
+    if fs is None:  # the other ranks load what rank 0 built
+        fs = build_face_set(cfg.data.faces, out, fcfg, progress=False)
     train = fs.subset("train")
     if len(train) == 0:
         raise TalkstreamError(f"no training identities in {cfg.data.faces} (all held out)")
