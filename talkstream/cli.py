@@ -245,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command in ("train", "enroll") and "torch" not in sys.modules:
         # Training shares the CPU with its own data process (and whatever else runs): OpenMP's
-        # default of spinning at every barrier made a 2-thread step 9x slower under such
-        # contention (3.3 s vs 0.37 s, docs/decisions.md). Set before torch loads OpenMP.
+        # default of spinning at every barrier made a 2-thread step 1.7x slower beside one busy
+        # process (0.99 s vs 0.57 s, docs/decisions.md). Set before torch loads OpenMP.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return int(args.func(args))
