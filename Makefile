@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # espeak-ng: speech for tests and the corpus; chromium: the real browser of the streaming tests;
 # portaudio19-dev: pyaudio builds against it.
 SYS_PKGS := espeak-ng libespeak-ng1 chromium portaudio19-dev
-TEST_EXTRAS := detect,export,dev,serve,live,bench
+TEST_EXTRAS := detect,export,dev,serve,live,bench,pipecat,livekit,cluster
 
 .PHONY: setup setup-test sysdeps demo test lint bench clean
 
