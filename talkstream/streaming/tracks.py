@@ -92,6 +92,12 @@ def _rms(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) / 32768
 
 
+def _inner_lip_opening(landmarks: np.ndarray) -> float:
+    """Mean gap of the inner-lip pairs 61-67, 62-66, 63-65 of (68, 2) landmarks."""
+    d = landmarks[[67, 66, 65]] - landmarks[[61, 62, 63]]
+    return float(np.sqrt((d**2).sum(axis=-1)).mean())
+
+
 def _to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 32768.0), -32768, INT16_MAX).astype(np.int16)
 
@@ -185,6 +191,8 @@ class AvatarStream:
         # Traces for benchmarks and diagnosis: (frame pts, landmark motion) per rendered frame
         # and (timeline sample, RMS) per input chunk; bounded.
         self.motion_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
+        # (frame pts, inner-lip opening of the frame's landmarks, normalised crop units).
+        self.mouth_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self.input_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self._last_landmarks: np.ndarray | None = None
         self._last_render_at = now()
@@ -460,6 +468,7 @@ class AvatarStream:
                 motion = float(np.abs(frame.landmarks - prev).max()) if prev is not None else 0.0
                 self._last_landmarks = frame.landmarks
                 self.motion_trace.append((frame.pts, motion))
+                self.mouth_trace.append((frame.pts, _inner_lip_opening(frame.landmarks)))
                 self._rendered.append(frame)
         except asyncio.CancelledError:
             raise
@@ -535,11 +544,14 @@ class AvatarStream:
         }
 
     def trace(self) -> dict[str, object]:
-        """The stream's traces, in media seconds: landmark motion per rendered frame, input
-        RMS per chunk (written position), and the latency budget."""
+        """The stream's traces, in media seconds: landmark motion and inner-lip opening per
+        rendered frame, input RMS per chunk (written position), and the latency budget."""
         return {
             "motion": [
                 (pts * SAMPLES_PER_FRAME_48K / OUT_RATE_HZ, m) for pts, m in self.motion_trace
+            ],
+            "mouth": [
+                (pts * SAMPLES_PER_FRAME_48K / OUT_RATE_HZ, m) for pts, m in self.mouth_trace
             ],
             "input": [(pos / OUT_RATE_HZ, rms) for pos, rms in self.input_trace],
             "budget_s": self.budget,

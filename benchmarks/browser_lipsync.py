@@ -1,0 +1,321 @@
+"""Does the browser show what we render? Lip sync measured along the chain, with one speech.
+
+    python benchmarks/browser_lipsync.py [--seconds 25] [--variants page,raw] [--out DIR]
+
+The mouth opening that dlib finds (inner lips / eye distance) is correlated with the speech
+envelope (RMS per 40 ms frame), see :mod:`talkstream.benchmarking.lipsync`:
+
+1. ``offline``: the same engine and avatar that ``talkstream serve`` uses render the speech file
+   frame by frame (``talkstream render``'s loop);
+2. for each browser variant: a ``talkstream serve`` in this process (the shipped model, serve's
+   defaults), a real headless Chromium whose fake microphone loops the speech file, the web
+   client as shipped, and an in-page capture of every presented frame's face
+   (``requestVideoFrameCallback``, canvas, JPEG q 0.95). The variants change only what the page
+   asks of the microphone: ``page`` is the client's own constraints, ``raw`` turns echo
+   cancellation, noise suppression and gain control off, ``aec`` turns only echo cancellation on.
+
+Beside r it reports what can lose motion in between: the motion model's own inner-lip opening
+(offline and from the server's live trace, no pixels), how closely the audio the server received
+follows the file (best lag over the loop), frames the server skipped or repeated, and media
+frames the browser never presented. Writes ``result.json`` and ``README.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from talkstream.benchmarking.lipsync import (
+    FPS,
+    MouthMeter,
+    decode_jpeg_data_url,
+    envelope,
+    face_box,
+    lagged_r,
+    pearson,
+    presented_stats,
+)
+
+TEXT = (
+    "Good morning, and thank you all for coming. Today I want to talk about three things. "
+    "First, where we stand. Second, what we learned this year. And third, what comes next. "
+    "We started with a small team and a simple idea. Speak, and a face speaks with you. "
+    "It was harder than we thought. Every frame must arrive on time, or the spell breaks. "
+    "So we measured everything, and we fixed what we found."
+)
+LEAD_S = 1.0
+VARIANTS = {
+    "page": None,  # the web client's own getUserMedia constraints
+    "raw": {"echoCancellation": False, "noiseSuppression": False, "autoGainControl": False},
+    "aec": {"echoCancellation": True, "noiseSuppression": False, "autoGainControl": False},
+}
+
+
+def speech_wav(out: Path, seconds: float) -> Path:
+    """espeak-ng reading :data:`TEXT` (repeated to ``seconds``), after a second of silence."""
+    import soundfile
+
+    if shutil.which("espeak-ng") is None:
+        sys.exit("browser_lipsync: espeak-ng is missing: apt-get install espeak-ng")
+    raw = out / "espeak.wav"
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), TEXT], check=True)
+    x, rate = soundfile.read(raw, dtype="float32")
+    reps = max(1, math.ceil(seconds / (len(x) / rate)))
+    x = np.concatenate([np.zeros(int(LEAD_S * rate), np.float32), *([x] * reps)])
+    x = x[: int((seconds + LEAD_S) * rate)]
+    path = out / "speech.wav"
+    soundfile.write(path, x, rate, subtype="PCM_16")
+    return path
+
+
+def offline(
+    engine: Any, avatar: Any, x: np.ndarray, rate: int, meter: MouthMeter
+) -> dict[str, Any]:
+    """Render the speech as ``talkstream render`` does; r of dlib's mouth and of the model's."""
+    from talkstream.streaming.tracks import _inner_lip_opening
+
+    session = engine.session(avatar)
+    frames = []
+    block = rate // 50
+    for i in range(0, len(x), block):
+        session.push_audio(x[i : i + block], rate)
+        while session.has_ready():
+            frames += session.render_ready()
+    session.end_audio()
+    while session.has_ready():
+        frames += session.render_ready()
+    x0, y0, x1, y1 = face_box(avatar)
+    dlib_open = meter.openings(f.image[y0:y1, x0:x1] for f in frames)
+    lm_open = np.array([_inner_lip_opening(f.landmarks) for f in frames])
+    env = envelope(x, rate, len(frames))
+    r_loop, _ = loop_r(dlib_open, env)  # the browser's measure: best start within the loop
+    return {
+        "frames": len(frames),
+        "detected": round(float(np.isfinite(dlib_open).mean()), 3),
+        "dlib_vs_speech_r": None if r_loop is None else round(r_loop, 3),
+        "dlib": lagged_r(dlib_open, env).as_dict(),
+        "landmarks": lagged_r(lm_open, env).as_dict(),
+    }
+
+
+def loop_r(series: np.ndarray, env_loop: np.ndarray) -> tuple[float | None, int | None]:
+    """Best r of ``series`` against the looped envelope, over every start within the loop."""
+    n, m = len(series), len(env_loop)
+    if n < 10 or m < 10:
+        return None, None
+    tiled = np.tile(env_loop, n // m + 2)
+    best: tuple[float | None, int | None] = (None, None)
+    for k in range(m):
+        r = pearson(series, tiled[k : k + n])
+        if r is not None and (best[0] is None or r > best[0]):
+            best = (r, k)
+    return best
+
+
+def grid_mean(times_s: np.ndarray, values: np.ndarray, t0: float, n: int) -> np.ndarray:
+    """Mean of ``values`` within each 40 ms cell from ``t0`` (NaN in empty cells)."""
+    idx = np.floor((np.asarray(times_s) - t0) * FPS).astype(int)
+    out = np.full(n, np.nan)
+    ok = (idx >= 0) & (idx < n)
+    if ok.any():
+        sums = np.bincount(idx[ok], weights=np.asarray(values)[ok], minlength=n)
+        counts = np.bincount(idx[ok], minlength=n)
+        with np.errstate(invalid="ignore"):
+            out = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return out
+
+
+CAPTURE_JS = """
+(box) => {
+  const v = document.getElementById("video");
+  const c = document.createElement("canvas");
+  c.width = box[2] - box[0];
+  c.height = box[3] - box[1];
+  const g = c.getContext("2d");
+  window.__cap = [];
+  window.__capOn = true;
+  const step = (now, md) => {
+    if (!window.__capOn) return;
+    g.drawImage(v, box[0], box[1], c.width, c.height, 0, 0, c.width, c.height);
+    window.__cap.push([md.expectedDisplayTime || now, md.rtpTimestamp ?? null,
+                       c.toDataURL("image/jpeg", 0.95)]);
+    v.requestVideoFrameCallback(step);
+  };
+  v.requestVideoFrameCallback(step);
+}
+"""
+TAKE_JS = "() => { const out = window.__cap; window.__cap = []; return out; }"
+
+
+def constraints_js(c: dict[str, bool] | None) -> str:
+    if c is None:
+        return ""
+    return (
+        "(() => { const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);"
+        " navigator.mediaDevices.getUserMedia = (q) => gum({...q, audio: "
+        + json.dumps(c)
+        + "}); })();"
+    )
+
+
+async def browser_run(
+    url: str, wav: Path, box: list[int], seconds: float, variant: str, chromium: str, tmp: Path
+) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    from talkstream.benchmarking.browser import CHROMIUM_FLAGS, FETCH_JSON_JS, INIT_JS
+
+    async with async_playwright() as p:
+        ctx = await p.chromium.launch_persistent_context(
+            str(tmp / f"profile-{variant}"),
+            executable_path=chromium,
+            headless=True,
+            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
+        )
+        try:
+            await ctx.add_init_script(INIT_JS + constraints_js(VARIANTS[variant]))
+            page = ctx.pages[0] if ctx.pages else await ctx.new_page()
+            await page.goto(f"{url}/?probe=1", wait_until="load", timeout=20_000)
+            await page.click("#start")
+            await page.wait_for_function(
+                "talkstream.presented.length > 0 || !!talkstream.error", timeout=30_000
+            )
+            if err := await page.evaluate("talkstream.error"):
+                raise RuntimeError(f"the web client failed: {err}")
+            await page.evaluate(CAPTURE_JS, box)
+            frames: list[list[Any]] = []
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                await asyncio.sleep(1.0)
+                frames += await page.evaluate(TAKE_JS)
+            await page.evaluate("window.__capOn = false")
+            frames += await page.evaluate(TAKE_JS)
+            probe = await page.evaluate("talkstream.probe.mic")
+            sid = urllib.parse.quote(str(await page.evaluate("talkstream.sessionId")))
+            trace = (await page.evaluate(FETCH_JSON_JS, f"/sessions/{sid}/trace"))["body"]
+            stats = (await page.evaluate(FETCH_JSON_JS, f"/sessions/{sid}/stats"))["body"]
+            with contextlib.suppress(Exception):
+                await page.click("#stop", timeout=2_000)
+        finally:
+            await ctx.close()
+    return {"frames": frames, "mic": probe, "trace": trace, "stats": stats}
+
+
+def analyse_browser(
+    raw: dict[str, Any], env_loop: np.ndarray, meter: MouthMeter, settle_s: float = 2.0
+) -> dict[str, Any]:
+    from talkstream.benchmarking.lipsync import resample_series
+
+    frames = raw["frames"]
+    t = np.array([f[0] for f in frames], dtype=np.float64) / 1000
+    keep = t >= t[0] + settle_s  # the encoder's quality ramp
+    imgs = [decode_jpeg_data_url(f[2]) for f, k in zip(frames, keep, strict=True) if k]
+    tk = t[keep]
+    opening = meter.openings(imgs)
+    n = int((tk[-1] - tk[0]) * FPS)
+    grid = tk[0] + np.arange(n) / FPS
+    mouth = resample_series(tk, opening, grid)
+    r_seen, _ = loop_r(mouth, env_loop)
+    # The microphone as the page captured it, and the audio the server received (timeline).
+    mic = np.asarray(raw["mic"], dtype=np.float64).reshape(-1, 2)
+    mic_env = grid_mean(mic[:, 0] / 1000, mic[:, 1], tk[0], n)
+    r_mic, _ = loop_r(mic_env, env_loop)
+    trace = raw["trace"] or {}
+    inp = np.asarray(trace.get("input", []), dtype=np.float64).reshape(-1, 2)
+    mth = np.asarray(trace.get("mouth", []), dtype=np.float64).reshape(-1, 2)
+    out: dict[str, Any] = {
+        "presented": presented_stats([f[0] for f in frames], [f[1] for f in frames]),
+        "detected": round(float(np.isfinite(opening).mean()), 3),
+        "dlib_vs_speech_r": None if r_seen is None else round(r_seen, 3),
+        "mic_vs_speech_r": None if r_mic is None else round(r_mic, 3),
+        "server": {
+            k: (raw["stats"] or {}).get(k)
+            for k in ("frames_rendered", "frames_skipped", "frames_repeated", "display_fps")
+        },
+    }
+    if len(inp) and len(mth):
+        t0 = max(inp[0, 0], mth[0, 0]) + settle_s
+        m = int((min(inp[-1, 0], mth[-1, 0]) - t0) * FPS)
+        srv_env = grid_mean(inp[:, 0], inp[:, 1], t0, m)
+        srv_mouth = grid_mean(mth[:, 0], mth[:, 1], t0, m)
+        r_in, _ = loop_r(srv_env, env_loop)
+        out["server_input_vs_speech_r"] = None if r_in is None else round(r_in, 3)
+        out["server_landmarks"] = lagged_r(srv_mouth, srv_env).as_dict()
+        r_lm, _ = loop_r(srv_mouth, env_loop)
+        out["server_landmarks_vs_speech_r"] = None if r_lm is None else round(r_lm, 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=25.0, help="speech and capture length (25)")
+    ap.add_argument("--variants", default="page,raw", help="comma list of: " + ",".join(VARIANTS))
+    ap.add_argument("--out", type=Path, default=Path("bench-out/lipsync"))
+    ap.add_argument("--backend", default="auto", help="engine backend, as serve's (auto)")
+    a = ap.parse_args(argv)
+    variants = [v for v in a.variants.split(",") if v]
+    if bad := [v for v in variants if v not in VARIANTS]:
+        ap.error(f"unknown variant {bad[0]!r}: choose from {', '.join(VARIANTS)}")
+    import soundfile
+
+    from talkstream.benchmarking.browser import find_chromium, serve_in_background
+    from talkstream.config import EngineConfig
+    from talkstream.engine.pipeline import Engine
+    from talkstream.streaming.config import ServeConfig
+    from talkstream.streaming.server import load_avatar, warm_up
+
+    chromium = find_chromium()
+    if chromium is None:
+        sys.exit("browser_lipsync: no Chromium found: apt-get install chromium")
+    a.out.mkdir(parents=True, exist_ok=True)
+    wav = speech_wav(a.out, a.seconds)
+    x, rate = soundfile.read(wav, dtype="float32")
+    env_loop = envelope(x, rate)
+    meter = MouthMeter()
+    engine = Engine(EngineConfig(backend=a.backend))
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_1min": os.getloadavg()[0],
+        "backend": engine.backend.describe(),
+        "seconds": a.seconds,
+    }
+    try:
+        avatar = load_avatar(ServeConfig(engine=engine.cfg), engine.crop_size)
+        engine.prepare(avatar)
+        warm_up(engine, avatar)
+        print("offline render ...", flush=True)
+        result["offline"] = offline(engine, avatar, x, rate, meter)
+        print(json.dumps(result["offline"]), flush=True)
+        box = face_box(avatar)
+        with serve_in_background(engine, avatar) as url, tempfile.TemporaryDirectory() as tmp:
+            for v in variants:
+                print(f"browser ({v}) ...", flush=True)
+                raw = asyncio.run(browser_run(url, wav, box, a.seconds, v, chromium, Path(tmp)))
+                result[v] = analyse_browser(raw, env_loop, meter)
+                print(json.dumps(result[v]), flush=True)
+    finally:
+        engine.close()
+    result["load_1min_end"] = os.getloadavg()[0]
+    (a.out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
