@@ -11,8 +11,10 @@ envelope (RMS per 40 ms frame), see :mod:`talkstream.benchmarking.lipsync`:
    defaults), a real headless Chromium whose fake microphone loops the speech file, the web
    client as shipped, and an in-page capture of every presented frame's face
    (``requestVideoFrameCallback``, canvas, JPEG q 0.95). The variants change only what the page
-   asks of the microphone: ``page`` is the client's own constraints, ``raw`` turns echo
-   cancellation, noise suppression and gain control off, ``aec`` turns only echo cancellation on.
+   does with the microphone: ``page`` is the client as shipped (the avatar's voice muted, so no
+   echo cancellation), ``unmuted`` the client with the avatar's voice playing (echo cancellation
+   on), ``raw`` forces echo cancellation, noise suppression and gain control off, ``aec`` forces
+   only echo cancellation on.
 
 Beside r it reports what can lose motion in between: the motion model's own inner-lip opening
 (offline and from the server's live trace, no pixels), how closely the audio the server received
@@ -59,10 +61,12 @@ TEXT = (
     "So we measured everything, and we fixed what we found."
 )
 LEAD_S = 1.0
-VARIANTS = {
-    "page": None,  # the web client's own getUserMedia constraints
-    "raw": {"echoCancellation": False, "noiseSuppression": False, "autoGainControl": False},
-    "aec": {"echoCancellation": True, "noiseSuppression": False, "autoGainControl": False},
+VARIANTS: dict[str, tuple[str, dict[str, bool] | None]] = {
+    # name: (page query, getUserMedia audio constraints forced on the page or None)
+    "page": ("", None),  # the web client as shipped (the avatar's voice muted)
+    "unmuted": ("mute=0", None),  # the web client with the avatar's voice playing
+    "raw": ("", {"echoCancellation": False, "noiseSuppression": False, "autoGainControl": False}),
+    "aec": ("", {"echoCancellation": True, "noiseSuppression": False, "autoGainControl": False}),
 }
 
 
@@ -188,9 +192,10 @@ async def browser_run(
             args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
         )
         try:
-            await ctx.add_init_script(INIT_JS + constraints_js(VARIANTS[variant]))
+            query, constraints = VARIANTS[variant]
+            await ctx.add_init_script(INIT_JS + constraints_js(constraints))
             page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-            await page.goto(f"{url}/?probe=1", wait_until="load", timeout=20_000)
+            await page.goto(f"{url}/?probe=1&{query}", wait_until="load", timeout=20_000)
             await page.click("#start")
             await page.wait_for_function(
                 "talkstream.presented.length > 0 || !!talkstream.error", timeout=30_000
@@ -264,7 +269,10 @@ def analyse_browser(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=25.0, help="speech and capture length (25)")
-    ap.add_argument("--variants", default="page,raw", help="comma list of: " + ",".join(VARIANTS))
+    ap.add_argument(
+        "--variants", default="page,unmuted", help="comma list of: " + ",".join(VARIANTS)
+    )
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants (1)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/lipsync"))
     ap.add_argument("--backend", default="auto", help="engine backend, as serve's (auto)")
     a = ap.parse_args(argv)
@@ -304,17 +312,59 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["offline"]), flush=True)
         box = face_box(avatar)
         with serve_in_background(engine, avatar) as url, tempfile.TemporaryDirectory() as tmp:
-            for v in variants:
-                print(f"browser ({v}) ...", flush=True)
-                raw = asyncio.run(browser_run(url, wav, box, a.seconds, v, chromium, Path(tmp)))
-                result[v] = analyse_browser(raw, env_loop, meter)
-                print(json.dumps(result[v]), flush=True)
+            # Rounds interleave the variants, so that a change of machine load hits them alike.
+            for rnd in range(a.repeats):
+                for v in variants:
+                    print(f"browser ({v}, round {rnd + 1}) ...", flush=True)
+                    prof = Path(tmp) / f"r{rnd}"
+                    raw = asyncio.run(browser_run(url, wav, box, a.seconds, v, chromium, prof))
+                    result.setdefault(v, []).append(analyse_browser(raw, env_loop, meter))
+                    print(json.dumps(result[v][-1]), flush=True)
     finally:
         engine.close()
     result["load_1min_end"] = os.getloadavg()[0]
     (a.out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    summary = summarise(result, variants)
+    (a.out / "README.md").write_text(summary)
+    print(summary)
     return 0
+
+
+def _median(xs: list[Any]) -> float | None:
+    vals = [float(x) for x in xs if x is not None]
+    return round(float(np.median(vals)), 3) if vals else None
+
+
+def summarise(result: dict[str, Any], variants: list[str]) -> str:
+    """A markdown table: medians over the rounds of each variant."""
+    off = result["offline"]
+    lines = [
+        f"# Lip sync along the chain ({result['date']}, {result['machine']}, "
+        f"load {result['load_1min']:.1f} -> {result['load_1min_end']:.1f})",
+        "",
+        f"backend: {result['backend']}; {result['seconds']:g} s of espeak-ng speech",
+        "",
+        "| path | mouth (dlib) vs speech r | model's lips vs speech r | audio received vs "
+        "speech r | frames skipped / rendered (server) | media frames not presented |",
+        "|---|---|---|---|---|---|",
+        f"| offline render | {off['dlib_vs_speech_r']} | {off['landmarks']['r']} | 1 | 0 / "
+        f"{off['frames']} | 0 |",
+    ]
+    for v in variants:
+        runs = result.get(v, [])
+
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
+            return _median([r.get(key) for r in runs])
+
+        skipped = _median([r["server"].get("frames_skipped") for r in runs])
+        rendered = _median([r["server"].get("frames_rendered") for r in runs])
+        missing = _median([r["presented"].get("media_frames_missing") for r in runs])
+        lines.append(
+            f"| browser, {v} ({len(runs)} runs) | {med('dlib_vs_speech_r')} | "
+            f"{med('server_landmarks_vs_speech_r')} | {med('server_input_vs_speech_r')} | "
+            f"{skipped} / {rendered} | {missing} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

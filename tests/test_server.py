@@ -31,7 +31,7 @@ from talkstream.engine.pipeline import Engine
 from talkstream.streaming.client import SpeechTrack, connect
 from talkstream.streaming.config import ServeConfig
 from talkstream.streaming.sdp import use_loopback_ice
-from talkstream.streaming.server import MANAGER_KEY, create_app, warm_up
+from talkstream.streaming.server import MANAGER_KEY, create_app, make_runner, warm_up
 from talkstream.streaming.sessions import SessionManager
 from tests.conftest import speechlike
 
@@ -63,7 +63,7 @@ async def running_server(
     use_loopback_ice()
     cfg = ServeConfig(port=0, ice_loopback_only=True, **overrides)
     app = create_app(cfg, engine, avatar)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

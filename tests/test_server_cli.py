@@ -23,6 +23,13 @@ def test_serve_is_registered_with_its_flags(capsys: pytest.CaptureFixture[str]) 
         "--landmarks",
         "--compute-budget-ms",
         "--preset",
+        "--viewer-token",
+        "--control-token",
+        "--generate-tokens",
+        "--no-auth",
+        "--allow-origin",
+        "--allow-host",
+        "--connect-timeout",
     ):
         assert flag in out
 

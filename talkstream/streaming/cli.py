@@ -85,6 +85,57 @@ def add_parser(
         help="send the voice this much ahead of its frames, to make up for a receiver whose "
         f"audio path is longer than its video path ({StreamConfig.audio_lead_ms:g})",
     )
+    access = p.add_argument_group(
+        "access",
+        "On 127.0.0.1 tokens are optional; any other --host needs both tokens (or --no-auth). "
+        "Clients send a token as 'Authorization: Bearer TOKEN' or ?token=TOKEN in the address.",
+    )
+    access.add_argument(
+        "--viewer-token",
+        default=None,
+        metavar="TOKEN",
+        help="token for the page, offers and stats (default: $TALKSTREAM_VIEWER_TOKEN)",
+    )
+    access.add_argument(
+        "--control-token",
+        default=None,
+        metavar="TOKEN",
+        help="token for presenters: create, delete, push speech, interrupt, WebSocket, /metrics "
+        "(default: $TALKSTREAM_CONTROL_TOKEN)",
+    )
+    access.add_argument(
+        "--generate-tokens",
+        action="store_true",
+        help="make up random tokens for those not given, and print them",
+    )
+    access.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no tokens even off loopback: anyone who reaches the port may use the server",
+    )
+    access.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (https://app.example.com) whose pages may call this server "
+        "(CORS and WebSockets); repeatable; '*' allows any",
+    )
+    access.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients use to reach this server (checked against DNS rebinding); "
+        "repeatable; '*' turns the check off",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=12.0,
+        help="close a peer whose WebRTC connection is not up this many seconds after its "
+        "offer, freeing its slot (12)",
+    )
     p.add_argument(
         "--ice-loopback-only",
         action="store_true",
@@ -113,7 +164,25 @@ def _run(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], En
         cfg = _serve_config(a, engine_config, ServeConfig, StreamConfig)
     except ValueError as e:  # an out-of-range flag: a user error, not a bug
         raise TalkstreamError(str(e)) from None
+    if a.generate_tokens and not cfg.no_auth:
+        print(f"talkstream: viewer token: {cfg.viewer_token}", flush=True)
+        print(f"talkstream: control token: {cfg.control_token}", flush=True)
     return run(cfg)
+
+
+def _tokens(a: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The viewer and control tokens: flags, else the environment, else (with
+    ``--generate-tokens``) random ones. The entry point is the one place that reads the
+    environment."""
+    import os
+    import secrets
+
+    viewer = a.viewer_token or os.environ.get("TALKSTREAM_VIEWER_TOKEN") or None
+    control = a.control_token or os.environ.get("TALKSTREAM_CONTROL_TOKEN") or None
+    if a.generate_tokens:
+        viewer = viewer or secrets.token_urlsafe(18)
+        control = control or secrets.token_urlsafe(18)
+    return viewer, control
 
 
 def _serve_config(
@@ -122,8 +191,15 @@ def _serve_config(
     serve_cls: type[ServeConfig],
     stream_cls: type[StreamConfig],
 ) -> ServeConfig:
+    viewer_token, control_token = _tokens(a)
     return serve_cls(
         host=a.host,
+        viewer_token=viewer_token,
+        control_token=control_token,
+        no_auth=a.no_auth,
+        allowed_origins=tuple(a.allow_origin),
+        allowed_hosts=tuple(a.allow_host),
+        connect_timeout_s=a.connect_timeout,
         port=a.port,
         max_sessions=a.max_sessions,
         max_viewers=a.max_viewers,

@@ -86,10 +86,68 @@ class ServeConfig:
     # Negotiate no receiver bitrate estimates (goog-remb): aiortc restarts its video encoder at
     # every estimate change, a visible quality pulse; see talkstream.streaming.sdp.without_remb.
     steady_video_bitrate: bool = True
+    # Access (talkstream.streaming.security): the viewer token opens the page, offers and
+    # stats; the control token presenters (create, delete, push, interrupt, WebSocket) and
+    # /metrics. On loopback both are optional; on any other address both are required unless
+    # no_auth says to serve anyone who can reach the port.
+    viewer_token: str | None = None
+    control_token: str | None = None
+    no_auth: bool = False
+    # Web origins besides the server's own that may call it (CORS, WebSocket); "*": any.
+    allowed_origins: tuple[str, ...] = ()
+    # Host header names to answer to besides the bound address, loopback and IP literals.
+    allowed_hosts: tuple[str, ...] = ()
+    # A peer that has not connected (ICE + DTLS) this long after its offer is closed and its
+    # slot freed; a connected one that sends no RTCP for peer_silence_timeout_s, or stays
+    # "disconnected" for disconnect_grace_s, too. Browsers and aiortc send RTCP every ~1 s.
+    connect_timeout_s: float = 12.0
+    peer_silence_timeout_s: float = 10.0
+    disconnect_grace_s: float = 4.0
+    # Slowloris: a connection must complete its request headers (and an idle keep-alive
+    # connection its next request) within header_timeout_s; a body must arrive within
+    # body_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # WebSocket pings; a pusher that stops answering is closed (its presenter stays).
+    ws_heartbeat_s: float = 15.0
+    # One push decodes to at most this much audio, checked before decoding allocates.
+    max_push_s: float = 60.0
+    max_push_samples: int = 4 * 1024 * 1024
     stream: StreamConfig = field(default_factory=StreamConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
+        for name in (
+            "connect_timeout_s",
+            "peer_silence_timeout_s",
+            "disconnect_grace_s",
+            "header_timeout_s",
+            "body_timeout_s",
+            "ws_heartbeat_s",
+            "max_push_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_push_samples < 1:
+            raise ValueError(f"max_push_samples must be >= 1, got {self.max_push_samples}")
+        for name in ("viewer_token", "control_token"):
+            token = getattr(self, name)
+            if token is not None and (len(token) < 8 or not token.isprintable() or " " in token):
+                raise ValueError(
+                    f"the {name.replace('_', ' ')} must be at least 8 printable characters "
+                    "without spaces"
+                )
+        if (
+            not self.loopback
+            and not self.no_auth
+            and not (self.viewer_token and self.control_token)
+        ):
+            raise ValueError(
+                f"serving on {self.host or '0.0.0.0'} (not loopback) needs access tokens: pass "
+                "--viewer-token and --control-token (or set TALKSTREAM_VIEWER_TOKEN and "
+                "TALKSTREAM_CONTROL_TOKEN, or --generate-tokens), or --no-auth to let anyone "
+                "who reaches the port use it"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_sessions < 1:
@@ -98,6 +156,13 @@ class ServeConfig:
             raise ValueError(f"max_viewers must be >= 0, got {self.max_viewers}")
         if not self.idle_timeout_s > 0:
             raise ValueError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s}")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server listens on this machine's loopback only."""
+        from talkstream.streaming.security import is_loopback_host
+
+        return is_loopback_host(self.host)
 
 
 __all__ = ["ServeConfig", "StreamConfig"]

@@ -20,6 +20,9 @@ VIDEO_CODECS = frozenset({"vp8", "h264"})
 _LOOPBACK_ADDRESSES = ("127.0.0.1",)
 _FINGERPRINT_ALGORITHMS = frozenset({"sha-1", "sha-224", "sha-256", "sha-384", "sha-512"})
 _FINGERPRINT_VALUE = re.compile(r"^(?:[0-9A-Fa-f]{2}:)+[0-9A-Fa-f]{2}$")
+# A browser offers one audio and one video section; a few more are tolerated, hundreds are not.
+MAX_MEDIA_SECTIONS = 8
+_MID = re.compile(r"^[A-Za-z0-9_.~-]{1,32}$")
 
 
 class OfferError(ValueError):
@@ -53,16 +56,31 @@ def check_offer(sdp: str, *, need_mic: bool, max_bytes: int) -> OfferInfo:
         raise OfferError(f"the SDP offer is larger than {max_bytes} bytes")
     if not sdp.startswith("v=0"):
         raise OfferError("the offer's sdp is not an SDP session description (must start v=0)")
+    if sdp.count("\nm=") > MAX_MEDIA_SECTIONS:
+        raise OfferError(f"the SDP offer has more than {MAX_MEDIA_SECTIONS} media sections")
     try:
         desc = SessionDescription.parse(sdp)
-    except Exception as e:
+    except Exception:
+        # aiortc's parser fails with whatever the broken line provokes; the client is told
+        # what to fix, not which exception it raised.
         log.debug("unparsable SDP offer", exc_info=True)
-        raise OfferError(f"the SDP offer cannot be parsed ({type(e).__name__}: {e})") from e
+        raise OfferError(
+            "the SDP offer cannot be parsed: send the offer exactly as createOffer() made it"
+        ) from None
     if not desc.media:
         raise OfferError("the SDP offer has no media sections (m= lines)")
+    _check_bundle(desc)
     sends_audio = receives_audio = receives_video = False
     for media in desc.media:
+        if media.kind not in ("audio", "video"):
+            raise OfferError(
+                f"the offer has a {media.kind!r} media section; the server negotiates audio "
+                "and video only (no data channels)"
+            )
+        if not media.rtcp_mux:
+            raise OfferError("a media section of the offer does not use rtcp-mux (a=rtcp-mux)")
         _check_transport(media)
+        _check_negotiable(media)
         names = {c.name.lower() for c in media.rtp.codecs}
         if media.kind == "audio":
             if not names & AUDIO_CODECS:
@@ -90,6 +108,52 @@ def check_offer(sdp: str, *, need_mic: bool, max_bytes: int) -> OfferInfo:
             "(addTransceiver('video', {direction: 'recvonly'}))"
         )
     return OfferInfo(sends_audio, receives_audio, receives_video)
+
+
+def _check_bundle(desc: object) -> None:
+    """Every media section has a distinct a=mid, and a BUNDLE group names only those.
+
+    aiortc assumes both: a BUNDLE offer whose audio section lost its a=mid made its
+    createAnswer fail with an internal error."""
+    mids: list[str] = []
+    for media in desc.media:  # type: ignore[attr-defined]
+        mid = media.rtp.muxId
+        if not mid:
+            raise OfferError(f"the offer's {media.kind} section has no a=mid line")
+        if not _MID.match(mid):
+            raise OfferError(f"the offer's a=mid {mid[:40]!r} is not a short token")
+        mids.append(mid)
+    if len(set(mids)) != len(mids):
+        raise OfferError("two media sections of the offer share one a=mid")
+    for group in desc.group:  # type: ignore[attr-defined]
+        if group.semantic == "BUNDLE":
+            unknown = [str(m) for m in group.items if str(m) not in mids]
+            if unknown:
+                raise OfferError(
+                    f"the offer's BUNDLE group names {', '.join(unknown)[:80]}, which no media "
+                    "section has as its a=mid"
+                )
+
+
+def _check_negotiable(media: object) -> None:
+    """The codecs aiortc would settle on (its own rule: name, clock rate, H.264 profile and
+    packetization mode), so an offer it cannot answer is refused here, not mid-negotiation."""
+    try:
+        from aiortc.codecs import CODECS
+        from aiortc.rtcpeerconnection import find_common_codecs
+    except ImportError:  # another aiortc layout: negotiation errors are still caught later
+        return
+    kind = media.kind  # type: ignore[attr-defined]
+    try:
+        common = find_common_codecs(CODECS[kind], media.rtp.codecs)  # type: ignore[attr-defined]
+    except Exception:
+        log.debug("codec negotiation check failed", exc_info=True)
+        raise OfferError(f"the offer's {kind} codec parameters are malformed") from None
+    if not [c for c in common if c.name.lower() != "rtx"]:
+        raise OfferError(
+            f"no {kind} codec of the offer can be negotiated (name, clock rate or, for H.264, "
+            "profile and packetization mode do not match what the server speaks)"
+        )
 
 
 def _check_transport(media: object) -> None:

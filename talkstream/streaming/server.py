@@ -3,7 +3,10 @@
 Endpoints (every error is JSON ``{"error": reason}`` with a 4xx/5xx status):
 
 =========================================  ==================================================
-``GET /``                                  the web client (``static/``)
+``GET /``                                  the web client (``static/``); ``/?presenter=N``
+                                           redirects to ``/watch``
+``GET /watch?presenter={name}``            the watch-only page (no microphone)
+``GET /preview.jpg``                       the avatar's still photo (shown before Start)
 ``POST /offer``                            ``{"sdp", "type": "offer"}`` -> the answer plus
                                            ``session_id``: a live session (your microphone
                                            drives the avatar you watch)
@@ -25,6 +28,12 @@ Endpoints (every error is JSON ``{"error": reason}`` with a 4xx/5xx status):
 ``GET /health``                            liveness and capacity
 ``GET /metrics``                           Prometheus text format
 =========================================  ==================================================
+
+Access (:mod:`talkstream.streaming.security`): with tokens configured, the page, offers, stats and
+the presenter list need the viewer token (or the control token); presenter control, pushes, the
+WebSocket and /metrics the control token; /health and /static are public. The Host header must
+name this server, and pages of other origins may not POST, DELETE or open WebSockets unless
+allowed (``--allow-origin``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import logging
 import signal
 import time
 from importlib import resources
+from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -49,17 +59,38 @@ from talkstream.engine.avatar import (
     prepare_avatar_source,
 )
 from talkstream.engine.pipeline import Engine
+from talkstream.streaming.bind import bind_error
 from talkstream.streaming.config import ServeConfig
+from talkstream.streaming.decode import (
+    DecodeBusyError,
+    DecodeLimits,
+    PushDecoder,
+    clip_float,
+)
 from talkstream.streaming.media import (
+    RawFormat,
     SpeechFormatError,
     UnsupportedMediaTypeError,
     decode_raw,
-    decode_speech,
     raw_format,
 )
 from talkstream.streaming.metrics import Registry
 from talkstream.streaming.sdp import OfferError, check_offer
-from talkstream.streaming.sessions import CapacityError, NotFoundError, SessionManager
+from talkstream.streaming.security import (
+    AccessPolicy,
+    JsonInputError,
+    Scope,
+    parse_json,
+    quiet_client_protocol_errors,
+    scope_table,
+    security_middleware,
+)
+from talkstream.streaming.sessions import (
+    CapacityError,
+    NotFoundError,
+    Presenter,
+    SessionManager,
+)
 from talkstream.streaming.tracks import AvatarStream, QueueFullError
 
 log = logging.getLogger(__name__)
@@ -71,6 +102,20 @@ MANAGER_KEY: web.AppKey[SessionManager] = web.AppKey("manager", SessionManager)
 CONFIG_KEY: web.AppKey[ServeConfig] = web.AppKey("config", ServeConfig)
 STARTED_KEY: web.AppKey[float] = web.AppKey("started", float)
 REGISTRY_KEY: web.AppKey[Registry] = web.AppKey("registry", Registry)
+DECODER_KEY: web.AppKey[PushDecoder] = web.AppKey("decoder", PushDecoder)
+PREVIEW_KEY: web.AppKey[list[bytes]] = web.AppKey("preview", list)
+# No other site may frame the page (a click-jacked Start would share the microphone), and the
+# token in its address is not sent on as a Referer.
+PAGE_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+# WebSocket text messages are control messages ({"type": "interrupt"}): small.
+MAX_WS_TEXT_BYTES = 4096
+# A presenter's WebSocket closes with this code when the presenter is closed under it.
+WS_PRESENTER_CLOSED = 4410
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -97,16 +142,26 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
-        size += len(chunk)
-        if size > limit:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=limit,
-                actual_size=size,
-                text=json.dumps({"error": f"body is over the limit of {limit} bytes"}),
-                content_type="application/json",
-            )
-        chunks.append(chunk)
+    timeout = request.app[CONFIG_KEY].body_timeout_s if CONFIG_KEY in request.app else None
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(
+                        max_size=limit,
+                        actual_size=size,
+                        text=json.dumps({"error": f"body is over the limit of {limit} bytes"}),
+                        content_type="application/json",
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        # A body trickled in slowly (slowloris): the connection is not kept.
+        raise web.HTTPRequestTimeout(
+            text=json.dumps({"error": f"the body did not arrive within {timeout:g} s"}),
+            content_type="application/json",
+            headers={"Connection": "close"},
+        ) from None
     return b"".join(chunks)
 
 
@@ -118,9 +173,9 @@ async def read_offer(request: web.Request, cfg: ServeConfig) -> str:
         )
     body = await read_body(request, cfg.max_offer_bytes)
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise OfferError(f"the body is not JSON: {e}") from None
+        data = parse_json(body, max_bytes=cfg.max_offer_bytes)
+    except JsonInputError as e:
+        raise OfferError(str(e)) from None
     if not isinstance(data, dict):
         raise OfferError('the body must be a JSON object {"sdp": ..., "type": "offer"}')
     sdp, kind = data.get("sdp"), data.get("type")
@@ -164,7 +219,36 @@ def warm_up(engine: Engine, avatar: Avatar) -> float:
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    if "presenter" in request.query:
+        # Viewers of a presenter get the watch-only page, which never asks for a microphone.
+        raise web.HTTPFound(f"/watch?{request.query_string}")
     return await static(request, "index.html")
+
+
+async def watch(request: web.Request) -> web.StreamResponse:
+    return await static(request, "index.html")
+
+
+async def preview(request: web.Request) -> web.Response:
+    """The avatar's still photo as JPEG: the page shows it before Start."""
+    cache = request.app[PREVIEW_KEY]
+    if not cache:
+        avatar = request.app[MANAGER_KEY].avatar
+        cache.append(await asyncio.to_thread(encode_jpeg, avatar.image))
+    return web.Response(
+        body=cache[0], content_type="image/jpeg", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """(H, W, 3) uint8 RGB -> JPEG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 async def favicon(request: web.Request) -> web.Response:
@@ -182,7 +266,7 @@ async def static(request: web.Request, name: str) -> web.StreamResponse:
     return web.Response(
         body=data,
         content_type=STATIC_FILES[name],
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", **PAGE_HEADERS},
     )
 
 
@@ -198,9 +282,6 @@ async def offer(request: web.Request) -> web.Response:
         return error(400, str(e))
     except CapacityError as e:
         return error(503, str(e))
-    except ValueError as e:  # aiortc rejects an offer it parsed but cannot negotiate
-        log.info("offer refused: %s", e)
-        return error(400, f"the offer cannot be negotiated: {e}")
     return web.json_response(
         {
             "sdp": answer.sdp,
@@ -304,12 +385,12 @@ async def presenter_speech(request: web.Request) -> web.Response:
         mgr.check_name(name)
         # Decode before creating anything: a bad push leaves no presenter behind.
         data = await read_body(request, cfg.max_push_bytes)
-        pcm, rate = decode_speech(request.content_type, data, request.query)
+        pcm, rate = await request.app[DECODER_KEY].decode(request.content_type, data, request.query)
         pres = mgr.presenter(name)
         queued = pres.stream.push_speech(pcm, rate)
     except UnsupportedMediaTypeError as e:
         return error(415, str(e))
-    except QueueFullError as e:
+    except (QueueFullError, DecodeBusyError) as e:
         return error(429, str(e))
     except (SpeechFormatError, ValueError, TypeError, CapacityError) as e:
         return _presenter_error(e)
@@ -348,10 +429,8 @@ async def presenter_offer(request: web.Request) -> web.Response:
         return error(415, str(e))
     except OfferError as e:
         return error(400, str(e))
-    except (NotFoundError, CapacityError) as e:
+    except (NotFoundError, CapacityError, ValueError) as e:
         return _presenter_error(e)
-    except ValueError as e:
-        return error(400, f"the offer cannot be negotiated: {e}")
     return web.json_response(
         {
             "sdp": answer.sdp,
@@ -373,21 +452,65 @@ async def presenter_ws(request: web.Request) -> web.StreamResponse:
         pres = mgr.presenter(name)
     except (SpeechFormatError, ValueError, CapacityError) as e:
         return _presenter_error(e)
-    # aiohttp closes the socket with 1009 (message too big) past max_msg_size.
-    ws = web.WebSocketResponse(max_msg_size=cfg.max_push_bytes, heartbeat=30.0)
+    limits = request.app[DECODER_KEY].limits
+    # aiohttp closes the socket with 1009 (message too big) past max_msg_size; its pings
+    # (heartbeat) close a pusher that stopped answering.
+    ws = web.WebSocketResponse(max_msg_size=cfg.max_push_bytes, heartbeat=cfg.ws_heartbeat_s)
     await ws.prepare(request)
+    pres.pushers += 1
+
+    async def on_presenter_closed() -> None:
+        # Closed by DELETE or shutdown: say so and close, rather than acknowledging pushes
+        # into a stream nobody renders.
+        await pres.stream.closed_event.wait()
+        if not ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_json({"type": "error", "error": f"presenter {name!r} was closed"})
+            await ws.close(code=WS_PRESENTER_CLOSED, message=b"presenter closed")
+
+    watcher = asyncio.create_task(on_presenter_closed(), name=f"talkstream-ws-{name}")
+    try:
+        await _serve_pusher(ws, mgr, pres, fmt, limits)
+    except ConnectionError:
+        pass  # the pusher went away while we answered
+    finally:
+        pres.pushers -= 1
+        # The presenter's idle time starts when its last pusher leaves.
+        pres.stream.last_input_at = max(pres.stream.last_input_at, mgr.now())
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if not ws.closed:
+            await ws.close(code=WS_PRESENTER_CLOSED, message=b"presenter closed")
+    return ws
+
+
+async def _serve_pusher(
+    ws: web.WebSocketResponse,
+    mgr: SessionManager,
+    pres: Presenter,
+    fmt: RawFormat,
+    limits: DecodeLimits,
+) -> None:
+    """Answer a pusher's messages until it closes or its presenter does."""
+    name = pres.name
     async for msg in ws:
+        if pres.stream.closed or mgr.presenters.get(name) is not pres:
+            await ws.send_json({"type": "error", "error": f"presenter {name!r} was closed"})
+            break
         if msg.type == WSMsgType.BINARY:
             try:
-                queued = pres.stream.push_speech(decode_raw(msg.data, fmt), fmt.rate_hz)
+                limits.check(len(msg.data) // fmt.frame_bytes, fmt.channels, fmt.rate_hz)
+                pcm = clip_float(decode_raw(msg.data, fmt))
+                queued = pres.stream.push_speech(pcm, fmt.rate_hz)
             except (SpeechFormatError, QueueFullError) as e:
                 await ws.send_json({"type": "error", "error": str(e)})
                 continue
             await ws.send_json({"type": "ack", "queued_s": round(queued, 3)})
         elif msg.type == WSMsgType.TEXT:
             try:
-                ctrl = json.loads(msg.data)
-            except json.JSONDecodeError:
+                ctrl = parse_json(msg.data, max_bytes=MAX_WS_TEXT_BYTES)
+            except JsonInputError:
                 ctrl = None
             if isinstance(ctrl, dict) and ctrl.get("type") == "interrupt":
                 dropped = pres.stream.interrupt()
@@ -398,7 +521,6 @@ async def presenter_ws(request: web.Request) -> web.StreamResponse:
                 )
         elif msg.type == WSMsgType.ERROR:
             log.info("presenter %s: websocket error: %s", name, ws.exception())
-    return ws
 
 
 async def health(request: web.Request) -> web.Response:
@@ -427,32 +549,84 @@ async def metrics(request: web.Request) -> web.Response:
 # ----------------------------------------------------------------------------- the app
 
 
+# (method, path, scope): who may call what. Routes not listed need the control token.
+ROUTES: tuple[tuple[str, str, Scope], ...] = (
+    ("GET", "/", "viewer"),
+    ("GET", "/watch", "viewer"),
+    ("GET", "/preview.jpg", "viewer"),
+    ("GET", "/static/{name}", "public"),
+    ("GET", "/favicon.ico", "public"),
+    ("POST", "/offer", "viewer"),
+    ("GET", "/sessions/{id}/stats", "viewer"),
+    ("GET", "/sessions/{id}/trace", "viewer"),
+    ("DELETE", "/sessions/{id}", "viewer"),
+    ("GET", "/presenters", "viewer"),
+    ("POST", "/presenters/{name}", "control"),
+    ("DELETE", "/presenters/{name}", "control"),
+    ("POST", "/presenters/{name}/speech", "control"),
+    ("POST", "/presenters/{name}/interrupt", "control"),
+    ("GET", "/presenters/{name}/ws", "control"),
+    ("POST", "/presenters/{name}/offer", "viewer"),
+    ("GET", "/presenters/{name}/stats", "viewer"),
+    ("GET", "/health", "public"),
+    ("GET", "/metrics", "control"),
+)
+
+
+def access_policy(cfg: ServeConfig) -> AccessPolicy:
+    return AccessPolicy(
+        bind_host=cfg.host,
+        viewer_token=None if cfg.no_auth else cfg.viewer_token,
+        control_token=None if cfg.no_auth else cfg.control_token,
+        allowed_origins=frozenset(cfg.allowed_origins),
+        allowed_hosts=frozenset(cfg.allowed_hosts),
+    )
+
+
 def create_app(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> web.Application:
-    """The aiohttp application. The engine and avatar belong to the caller."""
+    """The aiohttp application. The engine and avatar belong to the caller.
+
+    Run it with :func:`make_runner`, which adds the header-read timeout.
+    """
     registry = Registry()
-    app = web.Application(client_max_size=max(cfg.max_offer_bytes, cfg.max_push_bytes))
+    app = web.Application(
+        client_max_size=max(cfg.max_offer_bytes, cfg.max_push_bytes),
+        middlewares=[security_middleware(access_policy(cfg), scope_table(ROUTES), error)],
+    )
     manager = SessionManager(cfg, engine, avatar, registry)
+    decoder = PushDecoder(
+        DecodeLimits(max_seconds=cfg.max_push_s, max_samples=cfg.max_push_samples)
+    )
     app[CONFIG_KEY] = cfg
     app[MANAGER_KEY] = manager
     app[STARTED_KEY] = time.monotonic()
     app[REGISTRY_KEY] = registry
-    app.router.add_get("/", index)
-    app.router.add_get("/static/{name}", static_file)
-    app.router.add_get("/favicon.ico", favicon)
-    app.router.add_post("/offer", offer)
-    app.router.add_get("/sessions/{id}/stats", session_stats)
-    app.router.add_get("/sessions/{id}/trace", session_trace)
-    app.router.add_delete("/sessions/{id}", session_delete)
-    app.router.add_get("/presenters", presenters_list)
-    app.router.add_post("/presenters/{name}", presenter_create)
-    app.router.add_delete("/presenters/{name}", presenter_delete)
-    app.router.add_post("/presenters/{name}/speech", presenter_speech)
-    app.router.add_post("/presenters/{name}/interrupt", presenter_interrupt)
-    app.router.add_get("/presenters/{name}/ws", presenter_ws)
-    app.router.add_post("/presenters/{name}/offer", presenter_offer)
-    app.router.add_get("/presenters/{name}/stats", presenter_stats)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    app[DECODER_KEY] = decoder
+    app[PREVIEW_KEY] = []
+    handlers = {
+        "/": index,
+        "/watch": watch,
+        "/preview.jpg": preview,
+        "/static/{name}": static_file,
+        "/favicon.ico": favicon,
+        "/offer": offer,
+        "/sessions/{id}/stats": session_stats,
+        "/sessions/{id}/trace": session_trace,
+        ("DELETE", "/sessions/{id}"): session_delete,
+        "/presenters": presenters_list,
+        ("POST", "/presenters/{name}"): presenter_create,
+        ("DELETE", "/presenters/{name}"): presenter_delete,
+        "/presenters/{name}/speech": presenter_speech,
+        "/presenters/{name}/interrupt": presenter_interrupt,
+        "/presenters/{name}/ws": presenter_ws,
+        "/presenters/{name}/offer": presenter_offer,
+        "/presenters/{name}/stats": presenter_stats,
+        "/health": health,
+        "/metrics": metrics,
+    }
+    for method, path, _ in ROUTES:
+        handler = handlers.get((method, path)) or handlers[path]
+        app.router.add_route(method, path, handler)
 
     async def on_startup(app: web.Application) -> None:
         manager.start()
@@ -460,26 +634,55 @@ def create_app(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> web.Applicat
     async def on_shutdown(app: web.Application) -> None:
         await manager.close()
 
+    async def on_cleanup(app: web.Application) -> None:
+        decoder.close()
+
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
     return app
+
+
+def make_runner(app: web.Application, **kwargs: Any) -> web.AppRunner:
+    """An AppRunner for :func:`create_app`'s app with the header-read timeout.
+
+    aiohttp's keep-alive timer also runs from the moment a connection opens until its request
+    headers are complete, so a client trickling its headers (slowloris), or holding an idle
+    connection, is cut off after ``header_timeout_s``.
+    """
+    cfg = app[CONFIG_KEY]
+    kwargs.setdefault("handle_signals", False)
+    kwargs.setdefault("keepalive_timeout", cfg.header_timeout_s)
+    return web.AppRunner(app, **kwargs)
 
 
 async def serve(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> None:
     """Run the server until cancelled or interrupted (SIGINT/SIGTERM)."""
+    quiet_client_protocol_errors()
     app = create_app(cfg, engine, avatar)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise bind_error(e, cfg.host, cfg.port) from None
     port = cfg.port
     if port == 0 and runner.addresses:
         port = int(runner.addresses[0][1])
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
     host = f"[{host}]" if ":" in host else host
+    query = f"?token={cfg.viewer_token}" if cfg.viewer_token and not cfg.no_auth else ""
     print(
-        f"talkstream: open http://{host}:{port}/ in a browser and allow the microphone", flush=True
+        f"talkstream: open http://{host}:{port}/{query} in a browser and allow the microphone",
+        flush=True,
     )
+    if cfg.no_auth and not cfg.loopback:
+        print(
+            f"talkstream: --no-auth: anyone who can reach {cfg.host}:{port} can use this server",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -494,8 +697,10 @@ async def serve(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> None:
 
 def run(cfg: ServeConfig) -> int:
     """Load the engine and the avatar, warm up, and serve (the ``serve`` command)."""
+    from talkstream.streaming.bind import check_bind
     from talkstream.streaming.sdp import use_loopback_ice
 
+    check_bind(cfg.host, cfg.port)  # a port in use fails now, in one line, not after warm-up
     if cfg.ice_loopback_only:
         use_loopback_ice()
     source = load_source(cfg)
@@ -518,9 +723,13 @@ def run(cfg: ServeConfig) -> int:
 
 
 __all__ = [
+    "ROUTES",
+    "access_policy",
     "create_app",
+    "encode_jpeg",
     "load_avatar",
     "load_source",
+    "make_runner",
     "mouth_box",
     "read_body",
     "run",

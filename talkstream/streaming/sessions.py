@@ -33,7 +33,7 @@ from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
 from talkstream.streaming.config import ServeConfig
 from talkstream.streaming.metrics import Registry, StreamMetrics
-from talkstream.streaming.sdp import keep_loopback_candidates, without_remb
+from talkstream.streaming.sdp import OfferError, keep_loopback_candidates, without_remb
 from talkstream.streaming.tracks import AvatarAudioTrack, AvatarStream, AvatarVideoTrack
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,12 @@ class Peer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closing: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Liveness, on the manager's clock: when the offer came, when ICE+DTLS connected, when the
+    # connection went "disconnected" (None: it is not), the last RTCP packet from the client.
+    created_at: float = 0.0
+    connected_at: float | None = None
+    disconnected_at: float | None = None
+    last_rtcp_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -75,28 +81,45 @@ class Presenter:
     name: str
     stream: AvatarStream
     viewers: set[Peer] = field(default_factory=set)
+    # Open WebSocket pushers: a presenter with one is not idle (a pusher may pause).
+    pushers: int = 0
 
 
-def hold_video_bitrate(sender: RTCRtpSender) -> None:
-    """Make an aiortc video sender ignore receiver bitrate estimates (REMB).
+def watch_rtcp(
+    sender: RTCRtpSender, on_packet: Callable[[], None], *, drop_remb: bool = False
+) -> bool:
+    """Call ``on_packet`` for every RTCP packet the client sends about ``sender`` (its
+    receiver reports: proof that the client is still there), and with ``drop_remb`` make the
+    sender ignore receiver bitrate estimates (REMB).
 
     aiortc restarts its video encoder, with a keyframe at a new quality, whenever an estimate
     moves the target by more than 10 %; Chrome sends estimates every second or so (even when
     the answer negotiates none), so a steady face would pulse. The encoder keeps its default
-    bitrate instead (VP8 500 kbit/s, H.264 1 Mbit/s). aiortc has no option for this, so the
-    sender's RTCP handler is wrapped to drop REMB (application-layer PSFB) packets.
+    bitrate instead (VP8 500 kbit/s, H.264 1 Mbit/s). aiortc has no option for either, so the
+    sender's RTCP handler is wrapped. Returns whether it could be.
     """
     original = getattr(sender, "_handle_rtcp_packet", None)
     if original is None:
-        log.warning("this aiortc has no RTCRtpSender._handle_rtcp_packet: REMB is not held off")
-        return
+        log.warning("this aiortc has no RTCRtpSender._handle_rtcp_packet: RTCP is not watched")
+        return False
 
     async def handle(packet: object) -> None:
-        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+        on_packet()
+        if drop_remb and isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             return
         await original(packet)
 
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+    return True
+
+
+def hold_video_bitrate(sender: RTCRtpSender) -> None:
+    """Make an aiortc video sender ignore receiver bitrate estimates (see :func:`watch_rtcp`)."""
+    watch_rtcp(sender, lambda: None, drop_remb=True)
+
+
+class NegotiationError(OfferError):
+    """aiortc could not answer an offer that passed the checks (HTTP 400)."""
 
 
 def shorten_audio_prefetch(receiver: RTCRtpReceiver, packets: int) -> bool:
@@ -221,11 +244,17 @@ class SessionManager:
         await asyncio.gather(*(self.close_presenter(n) for n in list(self.presenters)))
 
     async def _reap_loop(self) -> None:
-        interval = min(REAP_INTERVAL_S, self.cfg.idle_timeout_s / 4)
+        interval = min(
+            REAP_INTERVAL_S,
+            self.cfg.idle_timeout_s / 4,
+            self.cfg.connect_timeout_s / 4,
+            self.cfg.disconnect_grace_s / 2,
+        )
         try:
             while True:
                 await asyncio.sleep(interval)
                 await self.reap_idle()
+                await self.reap_abandoned()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -233,7 +262,8 @@ class SessionManager:
             raise
 
     async def reap_idle(self) -> None:
-        """Close live sessions without input and presenters without input or viewers."""
+        """Close live sessions without input and presenters without input, viewers or
+        pushers."""
         now = self.now()
         timeout = self.cfg.idle_timeout_s
         for peer in list(self.peers.values()):
@@ -241,9 +271,33 @@ class SessionManager:
                 log.info("session %s: no audio for %.0f s: closing", peer.id, timeout)
                 await self.close_peer(peer, "idle")
         for name, pres in list(self.presenters.items()):
-            if not pres.viewers and now - pres.stream.last_input_at > timeout:
+            if not pres.viewers and not pres.pushers and now - pres.stream.last_input_at > timeout:
                 log.info("presenter %s: idle for %.0f s: closing", name, timeout)
                 await self.close_presenter(name)
+
+    def abandoned_reason(self, peer: Peer, now: float) -> str | None:
+        """Why ``peer`` should be closed as gone, or None while it is alive."""
+        cfg = self.cfg
+        if peer.connected_at is None:
+            if now - peer.created_at > cfg.connect_timeout_s:
+                return f"not connected {cfg.connect_timeout_s:g} s after its offer"
+            return None
+        if peer.disconnected_at is not None and now - peer.disconnected_at > cfg.disconnect_grace_s:
+            return f"disconnected for {cfg.disconnect_grace_s:g} s"
+        heard = peer.last_rtcp_at if peer.last_rtcp_at is not None else peer.connected_at
+        if now - heard > cfg.peer_silence_timeout_s:
+            return f"no RTCP from the client for {cfg.peer_silence_timeout_s:g} s"
+        return None
+
+    async def reap_abandoned(self) -> None:
+        """Close peers (live sessions and viewers) that never connected, stayed disconnected,
+        or went silent, so their slots are free again within seconds."""
+        now = self.now()
+        for peer in list(self.peers.values()):
+            reason = self.abandoned_reason(peer, now)
+            if reason is not None:
+                log.info("%s %s: %s: closing", peer.kind, peer.id, reason)
+                await self.close_peer(peer, "abandoned")
 
     # -- peers --------------------------------------------------------------------------------
 
@@ -254,15 +308,42 @@ class SessionManager:
     def _offer_sdp(self, sdp: str) -> str:
         return keep_loopback_candidates(sdp) if self.cfg.ice_loopback_only else sdp
 
-    def _add_video(self, pc: RTCPeerConnection, stream: AvatarStream) -> None:
-        sender = pc.addTrack(AvatarVideoTrack(stream))
-        if self.cfg.steady_video_bitrate:
-            hold_video_bitrate(sender)
+    def _add_tracks(self, peer: Peer, *, audio: bool) -> None:
+        def heard() -> None:
+            peer.last_rtcp_at = self.now()
+
+        if audio:
+            watch_rtcp(peer.pc.addTrack(AvatarAudioTrack(peer.stream)), heard)
+        sender = peer.pc.addTrack(AvatarVideoTrack(peer.stream))
+        watch_rtcp(sender, heard, drop_remb=self.cfg.steady_video_bitrate)
 
     def _answer(self, pc: RTCPeerConnection) -> RTCSessionDescription:
         desc = pc.localDescription
         sdp = without_remb(desc.sdp) if self.cfg.steady_video_bitrate else desc.sdp
         return RTCSessionDescription(sdp, desc.type)
+
+    async def _negotiate(self, peer: Peer, sdp: str, *, audio: bool | None) -> None:
+        """Answer the offer on ``peer.pc``; any failure of aiortc's is a
+        :class:`NegotiationError` (the caller closes the peer). ``audio=None``: send audio
+        only when the offer has an audio section."""
+        pc = peer.pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(self._offer_sdp(sdp), "offer"))
+            if audio is None:
+                audio = "audio" in {t.kind for t in pc.getTransceivers()}
+            self._add_tracks(peer, audio=audio)
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except (asyncio.CancelledError, OfferError, NotFoundError, CapacityError):
+            raise
+        except Exception as e:
+            # aiortc raises ValueError, OperationError, AttributeError, KeyError ... for
+            # offers it cannot answer; the client gets a 400, the log the details.
+            log.info("%s %s: offer not negotiable: %r", peer.kind, peer.id, e)
+            raise NegotiationError(
+                "the offer cannot be negotiated: send the offer exactly as createOffer() made "
+                "it, with audio/video sections the server can answer"
+            ) from None
 
     async def create_live(self, sdp: str) -> tuple[Peer, RTCSessionDescription]:
         """A live session for an offer whose microphone drives the avatar it receives."""
@@ -281,19 +362,15 @@ class SessionManager:
                 now=self.now,
             )
             pc = self._new_pc()
-            peer = Peer(sid, "live", pc, stream)
+            peer = Peer(sid, "live", pc, stream, created_at=self.now())
             self._watch(peer)
-            await pc.setRemoteDescription(RTCSessionDescription(self._offer_sdp(sdp), "offer"))
-            pc.addTrack(AvatarAudioTrack(stream))
-            self._add_video(pc, stream)
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
+            await self._negotiate(peer, sdp, audio=True)
             stream.start()
             self.peers[sid] = peer
             self.sessions_total.inc()
         except BaseException:
             if pc is not None:
-                await pc.close()
+                await _close_pc(pc)
             if stream is not None:
                 await stream.close()
             raise
@@ -318,9 +395,18 @@ class SessionManager:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            log.debug("peer %s: connection %s", peer.id, pc.connectionState)
-            if pc.connectionState in ("failed", "closed"):
-                await self.close_peer(peer, pc.connectionState)
+            state = pc.connectionState
+            log.debug("peer %s: connection %s", peer.id, state)
+            if state == "connected":
+                if peer.connected_at is None:
+                    peer.connected_at = self.now()
+                peer.disconnected_at = None
+            elif state == "disconnected":
+                # Often transient (a network change): closed by the reaper after a grace.
+                if peer.disconnected_at is None:
+                    peer.disconnected_at = self.now()
+            elif state in ("failed", "closed"):
+                await self.close_peer(peer, state)
 
     async def _consume(self, peer: Peer, track: MediaStreamTrack) -> None:
         try:
@@ -357,7 +443,7 @@ class SessionManager:
                 if t is not current:
                     with contextlib.suppress(asyncio.CancelledError):
                         await t
-            await peer.pc.close()
+            await _close_pc(peer.pc)
             if peer.kind == "live":
                 await peer.stream.close()
             self.closed_total.inc()
@@ -432,22 +518,16 @@ class SessionManager:
             raise CapacityError(f"all {self.cfg.max_viewers} viewer slots are in use")
         pc = self._new_pc()
         vid = uuid.uuid4().hex[:12]
-        peer = Peer(vid, "viewer", pc, pres.stream, presenter=pres)
+        peer = Peer(vid, "viewer", pc, pres.stream, presenter=pres, created_at=self.now())
         # Counted before the first await, so concurrent offers cannot overshoot the limit.
         self.peers[vid] = peer
         pres.viewers.add(peer)
         try:
             self._watch(peer)
-            await pc.setRemoteDescription(RTCSessionDescription(self._offer_sdp(sdp), "offer"))
-            if name not in self.presenters:
-                raise NotFoundError(f"presenter {name!r} closed")
             # Only the kinds the viewer asked to receive: an extra track has no m= line.
-            kinds = {t.kind for t in pc.getTransceivers()}
-            if "audio" in kinds:
-                pc.addTrack(AvatarAudioTrack(pres.stream))
-            self._add_video(pc, pres.stream)
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
+            await self._negotiate(peer, sdp, audio=None)
+            if self.presenters.get(name) is not pres:
+                raise NotFoundError(f"presenter {name!r} closed")
         except BaseException:
             await self.close_peer(peer, "setup failed")
             raise
@@ -455,4 +535,23 @@ class SessionManager:
         return peer, self._answer(pc)
 
 
-__all__ = ["CapacityError", "NotFoundError", "Peer", "Presenter", "SessionManager"]
+async def _close_pc(pc: RTCPeerConnection) -> None:
+    """Close a peer connection; one that a failed negotiation left half set up may fail to
+    close cleanly, which must not stop the rest of the teardown."""
+    try:
+        await pc.close()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.warning("closing a peer connection failed", exc_info=True)
+
+
+__all__ = [
+    "CapacityError",
+    "NegotiationError",
+    "NotFoundError",
+    "Peer",
+    "Presenter",
+    "SessionManager",
+    "watch_rtcp",
+]

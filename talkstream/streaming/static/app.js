@@ -1,15 +1,39 @@
 // talkstream web client: microphone in, the avatar's video and voice out, a live stats line.
 //
-// `?presenter=NAME` watches a presenter (no microphone). `?probe=1` also records, for tests and
-// benchmarks, the level of the microphone and of the avatar's voice every 5 ms and the motion
-// of the mouth region in every presented video frame (window.talkstream.probe).
+// `/watch?presenter=NAME` watches a presenter: receive-only, the microphone is never asked for.
+// `?token=TOKEN` is the server's viewer token, when it has one (sent as a Bearer header).
+// `?probe=1` also records, for tests and benchmarks, the level of the microphone and of the
+// avatar's voice every 5 ms and the motion of the mouth region in every presented video frame
+// (window.talkstream.probe).
 "use strict";
 
 const params = new URLSearchParams(location.search);
+const watchOnly = location.pathname.replace(/\/+$/, "").endsWith("/watch");
 const presenter = params.get("presenter");
+const token = params.get("token");
 const probeOn = params.get("probe") === "1";
 const $ = (id) => document.getElementById(id);
 const video = $("video");
+
+function withToken(url) {
+  return token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url;
+}
+
+function authHeaders(extra) {
+  const h = Object.assign({}, extra || {});
+  if (token) h.Authorization = `Bearer ${token}`;
+  return h;
+}
+
+// The face, still, until the stream starts (instead of a black box).
+video.poster = withToken("/preview.jpg");
+if (watchOnly) {
+  $("start").textContent = "Watch";
+  $("intro").textContent = presenter
+    ? `Press Watch to see and hear the presenter "${presenter}". No microphone is needed.`
+    : "Add ?presenter=NAME to the address to choose the presenter to watch.";
+  if (!presenter) $("start").disabled = true;
+}
 
 // Everything a test or a curious user may read from the console.
 const ts = {
@@ -65,12 +89,16 @@ async function start() {
       ts.state = pc.connectionState;
       if (pc.connectionState === "failed") showError("the connection failed");
     };
-    if (presenter) {
+    if (watchOnly || presenter) {
+      if (!presenter) throw new Error("add ?presenter=NAME to the address");
       pc.addTransceiver("audio", { direction: "recvonly" });
     } else {
-      mic = await navigator.mediaDevices.getUserMedia({
-        audio: { echoCancellation: true, noiseSuppression: false, autoGainControl: false },
-      });
+      // Chromium's echo canceller treats the avatar's voice (the user's own, delayed) as echo
+      // and flattens the speech the server hears: the mouth then moves less (measured with
+      // benchmarks/browser_lipsync.py). With the avatar muted there is no echo to cancel, so
+      // it runs only while the avatar's voice plays (noise suppression and gain control
+      // never: they reshape the envelope the lips follow).
+      mic = await navigator.mediaDevices.getUserMedia({ audio: micConstraints() });
       for (const track of mic.getAudioTracks()) pc.addTrack(track, mic);
       if (probeOn) levelProbe(mic, ts.probe.mic);
     }
@@ -80,7 +108,7 @@ async function start() {
     const url = presenter ? `/presenters/${encodeURIComponent(presenter)}/offer` : "/offer";
     const resp = await fetch(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: authHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
     });
     const answer = await resp.json();
@@ -103,14 +131,14 @@ async function stop() {
   timers = [];
   if (ts.sessionId && !presenter) {
     // Tell the server at once; closing the connection alone is noticed later.
-    fetch(`/sessions/${ts.sessionId}`, { method: "DELETE" }).catch(() => {});
+    fetch(`/sessions/${ts.sessionId}`, { method: "DELETE", headers: authHeaders() }).catch(() => {});
   }
   if (pc) pc.close();
   if (mic) for (const t of mic.getTracks()) t.stop();
   pc = null;
   mic = null;
   ts.state = "idle";
-  $("start").disabled = false;
+  $("start").disabled = watchOnly && !presenter;
   $("stop").disabled = true;
 }
 
@@ -185,7 +213,7 @@ async function updateStats() {
     ? `/presenters/${encodeURIComponent(presenter)}/stats`
     : `/sessions/${ts.sessionId}/stats`;
   try {
-    const resp = await fetch(statsUrl);
+    const resp = await fetch(statsUrl, { headers: authHeaders() });
     if (resp.ok) ts.server = await resp.json();
   } catch (e) {
     ts.server = null;
@@ -204,7 +232,23 @@ async function updateStats() {
 
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
-$("mute").addEventListener("change", () => {
+function micConstraints() {
+  return { echoCancellation: !$("mute").checked, noiseSuppression: false, autoGainControl: false };
+}
+
+// Live mode: the avatar's voice is the speaker's own, 0.2-0.3 s late, which is hard to speak
+// over and needs echo cancellation on speakers; it starts muted (`?mute=0` to hear it). A
+// presenter's voice is what a viewer came for: unmuted.
+$("mute").checked = !(watchOnly || presenter) && params.get("mute") !== "0";
+video.muted = $("mute").checked;
+$("mute").addEventListener("change", async () => {
   video.muted = $("mute").checked;
+  for (const t of mic ? mic.getAudioTracks() : []) {
+    try {
+      await t.applyConstraints(micConstraints());
+    } catch (e) {
+      console.warn("cannot switch echo cancellation:", e);
+    }
+  }
 });
 if (params.get("autostart") === "1") start();
