@@ -91,20 +91,22 @@ def test_eval_produces_every_metric(corpus: Path, checkpoint: Path) -> None:
         "detector_hit_rate_corpus",
     ):
         assert isinstance(m[key], float) and math.isfinite(m[key]), key
+    # None only when the sample has no silence or no detected face; this corpus sample has
+    # both (the detector finds every face), so each is a number, and the r's correlations.
+    for key in ("flicker_silence", "flicker_silence_corpus"):
+        assert isinstance(m[key], float) and m[key] >= 0.0, key
     for key in (
-        "flicker_silence",
-        "flicker_silence_corpus",
         "lipsync_r",
         "lipsync_r_corpus",
         "lipsync_r_motion_landmarks",
         "lipsync_r_student_gt_landmarks",
     ):
-        assert key in m  # None when the sample has no silence or no detected face
-    # The split of lipsync_r into motion and renderer is a correlation when defined.
-    for key in ("lipsync_r_motion_landmarks", "lipsync_r_student_gt_landmarks"):
-        assert m[key] is None or -1.0 <= m[key] <= 1.0, key
-    # The detector finds the face in the corpus frames (the ceiling of the lip-sync figure).
+        assert isinstance(m[key], float) and -1.0 <= m[key] <= 1.0, key
+    # The detector finds the face in the corpus frames, and its lip opening there follows the
+    # phonemes (0.97 here): the ceiling of the lip-sync figure, which a random model's own r
+    # cannot be tested against (the shipped model's r is: tests/test_lipsync.py).
     assert m["detector_hit_rate_corpus"] >= 0.9
+    assert m["lipsync_r_corpus"] >= 0.8
     assert res.info["frames"] == 12 and res.info["split"] == "heldout"
     table = format_table(res)
     assert "lipsync_r" in table and "student_minus_teacher_psnr_db" in table

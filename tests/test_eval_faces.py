@@ -137,6 +137,7 @@ def test_colour_split_on_real_photos() -> None:
     # A recent official portrait is in colour; an 18th-century one is an engraving.
     recent = [f for f, r in rows.items() if int(r["last_congress"] or 0) >= 118][:3]
     old = [f for f, r in rows.items() if int(r["last_congress"] or 999) <= 5][:3]
+    assert len(recent) == len(old) == 3, (recent, old)  # empty lists would pass vacuously
     for f in recent:
         assert is_colour(np.asarray(Image.open(BIOGUIDE / f).convert("RGB"))), f
     for f in old:

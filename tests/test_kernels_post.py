@@ -9,6 +9,8 @@ path pixel by pixel.
 from __future__ import annotations
 
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -55,9 +57,21 @@ def test_kernel_source_carries_the_numpy_coefficients() -> None:
         assert not re.search(r" [-+*/] ", outside_index), line
 
 
-def test_cupy_inputs_need_cupy() -> None:
-    # numpy arrays never touch CuPy: the module stays importable and usable without it.
+def test_array_module_follows_the_array_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    # numpy arrays never import CuPy (slow, and needs a CUDA driver to be useful).
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
     assert post.get_array_module(np.zeros(3)) is np
+    assert "cupy" not in sys.modules
+    # An array of CuPy's type selects the module called cupy. CuPy cannot run here (no GPU):
+    # a module object registered under that name stands in for it, so the test sees which
+    # module the dispatch imports; the GPU test below runs the real one.
+    stand_in = types.ModuleType("cupy")
+    monkeypatch.setitem(sys.modules, "cupy", stand_in)
+    cupy_array = type("ndarray", (), {"__module__": "cupy._core.core"})()
+    assert post.get_array_module(cupy_array) is stand_in
+    # Only the top-level package name counts, not a prefix of it.
+    lookalike = type("ndarray", (), {"__module__": "cupyx_like.core"})()
+    assert post.get_array_module(lookalike) is np
 
 
 @pytest.mark.gpu

@@ -184,6 +184,7 @@ def test_tiny_corpus_manifest_and_splits(tiny_corpus: Path) -> None:
 @needs_espeak
 def test_tiny_corpus_clip_files(tiny_corpus: Path) -> None:
     m = json.loads((tiny_corpus / "manifest.json").read_text(encoding="utf-8"))
+    assert m["clips"], "the corpus has no clips: the checks below would pass vacuously"
     for c in m["clips"]:
         audio, sr = sf.read(tiny_corpus / c["wav"], dtype="int16")
         assert sr == 16000 and audio.ndim == 1

@@ -236,13 +236,21 @@ def require_export_deps() -> None:
             raise MissingDependencyError("ONNX export", module, "export") from None
 
 
-def _float_cpu(module: nn.Module) -> Any:
-    # Export always traces an fp32 CPU copy: the graph's precision is the runtime's decision
-    # (TensorRT builds FP16 from it), and the caller's model stays where it is.
+def _float_cpu(module: nn.Module, dtype: torch.dtype = torch.float32) -> Any:
+    # Export traces a CPU copy in ``dtype`` (fp32 by default: the graph's precision is then the
+    # runtime's decision; fp16 for TensorRT's strongly typed networks, which take their types
+    # from the graph), and the caller's model stays where it is.
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"ONNX graphs are exported in float32 or float16, not {dtype}")
     p = next(module.parameters())
-    if p.dtype == torch.float32 and p.device.type == "cpu":
+    if p.dtype == dtype and p.device.type == "cpu":
         return module
-    return copy.deepcopy(module).to("cpu", torch.float32)
+    return copy.deepcopy(module).to("cpu", dtype)
+
+
+def _in_dtype(inputs: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    # Float inputs follow the graph's dtype; integer ones (the timestep ``t``) stay as they are.
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 @contextlib.contextmanager
@@ -306,24 +314,37 @@ def _export(
 
 
 def export_motion(
-    motion: AudioToMotion, path: str | Path, lookahead: int | None = None
+    motion: AudioToMotion,
+    path: str | Path,
+    lookahead: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> GraphSpec:
-    """Export the motion model for one lookahead (default: its trained maximum) to ``path``."""
+    """Export the motion model for one lookahead (default: its trained maximum) to ``path``.
+
+    ``dtype`` (float32 or float16) is the graph's weights, float inputs and output.
+    """
     la = motion.cfg.lookahead_frames if lookahead is None else lookahead
     motion.key_padding_mask(la, torch.device("cpu"))  # validates the lookahead
     spec = motion_spec(la)
-    model = _float_cpu(motion)
-    _export(MotionGraph(model, la), spec, example_inputs(spec, motion=model), Path(path))
+    model = _float_cpu(motion, dtype)
+    inputs = _in_dtype(example_inputs(spec, motion=_float_cpu(motion)), dtype)
+    _export(MotionGraph(model, la), spec, inputs, Path(path))
     return spec
 
 
 def export_denoiser_step(
-    denoiser: TalkFormerDenoiser, path: str | Path, *, plugins: bool = False
+    denoiser: TalkFormerDenoiser,
+    path: str | Path,
+    *,
+    plugins: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> GraphSpec:
-    """Export one denoiser call to ``path``."""
+    """Export one denoiser call to ``path`` (``dtype``: float32 or float16 graph)."""
     spec = denoiser_step_spec(len(denoiser.cfg.widths), plugins)
-    model = _float_cpu(denoiser)
-    _export(DenoiserStepGraph(model), spec, example_inputs(spec, denoiser=model), Path(path))
+    model = _float_cpu(denoiser, dtype)
+    inputs = _in_dtype(example_inputs(spec, denoiser=_float_cpu(denoiser)), dtype)
+    _export(DenoiserStepGraph(model), spec, inputs, Path(path))
     return spec
 
 
@@ -333,11 +354,13 @@ def export_denoiser_loop(
     path: str | Path,
     *,
     plugins: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> GraphSpec:
-    """Export the sampler's whole few-step loop over the denoiser to ``path``."""
+    """Export the sampler's whole few-step loop over the denoiser to ``path`` (``dtype``: the
+    graph's float type, float32 or float16)."""
     spec = denoiser_loop_spec(len(denoiser.cfg.widths), sampler.timesteps, plugins)
-    model = _float_cpu(denoiser)
-    inputs = example_inputs(spec, denoiser=model)
+    model = _float_cpu(denoiser, dtype)
+    inputs = _in_dtype(example_inputs(spec, denoiser=_float_cpu(denoiser)), dtype)
     _export(DenoiserLoopGraph(model, sampler), spec, inputs, Path(path))
     return spec
 

@@ -1,4 +1,4 @@
-"""The fused kernels as TensorRT plugins (``tensorrt.plugin``, TensorRT >= 10.7).
+"""The fused kernels as TensorRT plugins (``tensorrt.plugin``, TensorRT >= 10.7 and 11.x).
 
 Two quickly-deployable plugins, ``talkstream::landmark_attention`` and ``talkstream::warp_blend``,
 match the ONNX nodes that ``talkstream.export.onnx`` emits with ``plugins=True`` (op type = plugin
@@ -163,16 +163,26 @@ def plugin_functions(trtp: Any) -> dict[str, dict[str, Callable[..., Any]]]:
     }
 
 
+def _require(module: str, what: str) -> Any:
+    # Not backends._import: this module imports only talkstream.errors from the package.
+    import importlib
+
+    from talkstream.errors import MissingDependencyError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(what, module, "gpu") from None
+
+
 def register_plugins() -> None:
     """Register both plugins with TensorRT (idempotent; needs tensorrt >= 10.7 and Triton)."""
     global _registered
     with _lock:
         if _registered:
             return
-        from talkstream.export.backends import _import
-
-        _import("triton", "the TensorRT kernel plugins", "gpu")
-        trtp = _import("tensorrt.plugin", "the TensorRT kernel plugins (TensorRT >= 10.7)", "gpu")
+        _require("triton", "the TensorRT kernel plugins")
+        trtp = _require("tensorrt.plugin", "the TensorRT kernel plugins (TensorRT >= 10.7 or 11)")
         for plugin_id, fns in plugin_functions(trtp).items():
             trtp.register(plugin_id)(fns["desc"])
             trtp.impl(plugin_id)(fns["impl"])
