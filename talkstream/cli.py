@@ -7,12 +7,17 @@ below reads either. User errors (``TalkstreamError``) print one clear line and e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from talkstream import __version__
 from talkstream.config import (
@@ -31,9 +36,47 @@ EPILOG = """\
 examples:
   talkstream render                                 the default face says the bundled sentence
   talkstream render --image me.jpg --audio hi.wav --out hi.mp4
+  talkstream landmarks me.jpg --out me.json                   save the face's 68 landmarks
   talkstream render --landmarks me.json --image me.jpg ...   skip detection (68 iBUG points)
   talkstream render --image me.jpg --framing portrait         480x640 around the face
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (cause, and where the options are listed)
+    instead of the whole usage block; subcommands' parsers are made of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--threads 0`` is refused by argparse, not by torch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+# libx264's CRF scale for 8-bit video: 0 is lossless, 51 the worst.
+CRF_RANGE = (0, 51)
+
+
+def crf_value(text: str) -> int:
+    """argparse type: an H.264 CRF in ``CRF_RANGE``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    lo, hi = CRF_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside H.264's range {lo}-{hi} (lower is better; 18-28 is usual)"
+        )
+    return value
 
 
 def default_cache_dir() -> Path:
@@ -63,7 +106,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="denoiser precision (default float32)",
     )
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: 1 on a 2-core machine, else torch's, one per "
+        "physical core); idle threads sleep rather than spin (OMP_WAIT_POLICY=PASSIVE), so "
+        "other busy programs slow a render down instead of stalling it",
+    )
     try:  # noqa: SIM105 - the comment in the except says why it passes
         g.add_argument(
             "--backend",
@@ -132,7 +183,71 @@ def add_photo_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def check_device(device: str) -> None:
+    """Raise ``TalkstreamError`` unless ``--device`` names a device this machine has."""
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TalkstreamError(
+            f"--device {device!r} is not a device name; use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch is a CPU-only build"
+                if torch.version.cuda is None
+                else "no CUDA GPU (or no working NVIDIA driver) is visible"
+            )
+            raise TalkstreamError(
+                f"--device {device}: {why}; use --device cpu (the default), or see "
+                "`talkstream doctor` for what this machine has"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise TalkstreamError(
+                f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}"
+            )
+    elif dev.type != "cpu":
+        raise TalkstreamError(f"--device {device}: talkstream runs on cpu or cuda")
+
+
+def check_backend(name: str, device: str, dtype: str) -> None:
+    """Raise ``TalkstreamError`` unless ``--backend name`` can run on ``device`` here."""
+    if name == "auto":
+        return
+    from talkstream.export.backends import get_backend
+
+    ok, why = get_backend(name).available(device, dtype)
+    if not ok:
+        raise TalkstreamError(
+            f"--backend {name} cannot run here: {why}. Use --backend auto (the fastest one "
+            "that can) or torch; `talkstream doctor` lists what runs on this machine"
+        )
+
+
+# On 2 cores one thread renders fastest idle (49.6 fps against 30.5 with two passive threads;
+# the second core encodes and pastes meanwhile) and beside two busy processes (27.2 vs 19.0
+# fps), with no barrier to stall at (benchmarks/busy_machine.py, docs/decisions.md). Larger
+# machines keep torch's count; their idle threads sleep (OMP_WAIT_POLICY=PASSIVE, see main).
+def default_threads(device: str) -> int | None:
+    """The ``--threads`` default of the commands in ``BUSY_AWARE_COMMANDS``."""
+    if device != "cpu":
+        return None
+    return 1 if (os.cpu_count() or 1) <= 2 else None
+
+
 def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    command = getattr(a, "command", None)
+    if command != "doctor":  # doctor reports on any device, usable or not
+        check_device(a.device)
+        check_backend(getattr(a, "engine_backend", "torch"), a.device, a.dtype)
+    threads = a.threads
+    if threads is None and command in BUSY_AWARE_COMMANDS:
+        threads = default_threads(a.device)
     cache = None if a.no_cache else (a.cache_dir or default_cache_dir())
     avatar = AvatarConfig(
         cache_dir=cache,
@@ -144,7 +259,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         checkpoint=a.checkpoint,
         device=a.device,
         dtype=a.dtype,
-        threads=a.threads,
+        threads=threads,
         avatar=avatar,
         idle=IdleConfig(enabled=not a.no_idle),
         sampler=SamplerConfig(steps=a.steps, seed=a.seed),
@@ -174,8 +289,45 @@ def _cmd_render(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_landmarks(a: argparse.Namespace) -> int:
+    from talkstream.engine.avatar import load_photo, locate_face, scale_points_from_reduced
+    from talkstream.engine.landmarks import save_landmarks_json
+    from talkstream.engine.render import output_mode
+
+    out: Path = a.out if a.out is not None else a.image.with_suffix(".landmarks.json")
+    if out.is_dir():
+        raise TalkstreamError(f"--out {out} is a directory; give a file name such as face.json")
+    # The photo as render and serve will read it (reduced when very large); detection on a
+    # copy of at most detect_max_side pixels, as there.
+    cfg = AvatarConfig()
+    image, k = load_photo(a.image, cfg)
+    # The verdict is reported, not enforced: the file is what --landmarks takes, also for a
+    # photo that needs --force.
+    face = locate_face(image, cfg, source_name=str(a.image), enforce=False)
+    points = scale_points_from_reduced(face.points, k)  # (68, 2) in the photo's own pixels
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_landmarks_json(tmp, points)
+        os.chmod(tmp, output_mode(out))
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TalkstreamError(
+            f"cannot write {out}: {e.strerror or e}; choose --out in a folder you can write to"
+        ) from None
+    score = f", detector score {face.score:.2f}" if face.score is not None else ""
+    print(f"wrote {out}: the 68 landmarks of the face in {a.image} ({face.detector}{score})")
+    if not face.check.ok:
+        print(
+            f"note: {face.check.message}; {face.check.advice} (render and serve refuse this "
+            "face unless given --force)"
+        )
+    print(f"use it with: talkstream render --image {a.image} --landmarks {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="talkstream",
         description="Real-time talking-avatar engine: speech in, a lip-synced face out.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -211,10 +363,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_photo_args(r)
     r.add_argument("--out", type=Path, default=Path("out.mp4"), help="output video (out.mp4)")
-    r.add_argument("--crf", type=int, default=20, help="H.264 quality, lower is better (20)")
+    r.add_argument(
+        "--crf",
+        type=crf_value,
+        default=20,
+        help="H.264 quality, 0-51, lower is better (20)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_engine_args(r)
     r.set_defaults(func=_cmd_render)
+
+    lm = sub.add_parser(
+        "landmarks",
+        help="detect the face in a photo and save its 68 landmarks (for --landmarks)",
+        description="Detect the face in a photo (dlib, the [detect] extra) and save its 68 "
+        "iBUG landmarks as JSON, in the photo's own pixels: the file render, serve and live "
+        "take with --landmarks, to skip detection or to correct it by hand.",
+    )
+    lm.add_argument("image", type=Path, help="face photo (jpg/png...)")
+    lm.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default: beside the photo, PHOTO.landmarks.json)",
+    )
+    lm.set_defaults(func=_cmd_landmarks)
 
     # Other commands live beside their code; each module has a light ``add_parser(sub,
     # add_engine_args, engine_config)`` that imports its heavy dependencies only when run.
@@ -230,7 +403,41 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "talkstream.benchmarking.cli",
     "talkstream.training.cli",
     "talkstream.export.cli",
+    "talkstream.publish.cli",  # issue 13: publish into an SFU (WHIP / Janus)
 )
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so that ``finally`` blocks remove temp files."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` in the main thread instead of killing the
+    process outright (which would leave a render's ``tmpXXXX.mp4`` behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        # A second SIGTERM during the clean-up must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Commands that may run beside other programs on a user's machine: OpenMP's idle threads sleep
+# (OMP_WAIT_POLICY=PASSIVE, see main) and the thread count is default_threads. bench, export and
+# doctor keep torch's and OpenMP's defaults, so that their figures stay comparable with earlier
+# runs.
+BUSY_AWARE_COMMANDS = ("render", "serve", "live", "landmarks", "train", "enroll")
+# Commands whose SIGTERM unwinds (they write files through a temporary name).
+_SIGTERM_COMMANDS = ("render", "landmarks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,12 +450,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.command in ("train", "enroll") and "torch" not in sys.modules:
-        # Training shares the CPU with its own data process (and whatever else runs): OpenMP's
-        # default of spinning at every barrier made a 2-thread step 1.7x slower beside one busy
-        # process (0.99 s vs 0.57 s, docs/decisions.md). Set before torch loads OpenMP.
+    if args.command in BUSY_AWARE_COMMANDS and "torch" not in sys.modules:
+        # OpenMP's default waits by spinning at every barrier: beside other busy processes a
+        # spinning thread holds a core while the one it waits for is not scheduled. With two
+        # busy loops on 2 cores a 2-thread render fell to 3-10 fps that way, and kept 18-19
+        # with passive waiting (benchmarks/busy_machine.py; a training step: 0.99 s vs 0.57 s,
+        # docs/decisions.md). Set before torch loads OpenMP, unless the environment says
+        # otherwise.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
+        if args.command in _SIGTERM_COMMANDS:
+            with _sigterm_unwinds():
+                return int(args.func(args))
         return int(args.func(args))
     except TalkstreamError as e:
         print(f"talkstream: error: {e}", file=sys.stderr)
@@ -256,6 +469,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("talkstream: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("talkstream: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except OSError as e:
+        if args.command == "serve" and e.errno in _BIND_ERRNOS:
+            # The port was taken between serve's own check and the server's bind.
+            from talkstream.streaming.bind import bind_error
+
+            print(f"talkstream: error: {bind_error(e, args.host, args.port)}", file=sys.stderr)
+            return 2
+        raise
+
+
+# Only these: any other OSError of serve (a cache folder, a file) is not about the address.
+_BIND_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 
 
 if __name__ == "__main__":

@@ -356,3 +356,25 @@ def test_cli_keep_going_records_a_failed_scenario(
     assert [s["status"] for s in result["scenarios"]] == ["failed", "failed"]
     assert "RuntimeError: inductor cache race" in result["scenarios"][0]["reason"]
     assert "2 scenario(s) failed" in capsys.readouterr().out
+
+
+def test_headline_names_both_figures_when_the_paced_run_falls_short() -> None:
+    """Issue 14: "Sessions per device: 0" beside a row where 1 fits read as a contradiction."""
+    t = {
+        "budget_ms": 40.0,
+        "predicted_sessions": 1,
+        "sessions_per_device": 0,
+        "fps": 0,
+        "probes": [Probe(1, [0.02, 0.022]).to_dict(0.04)],
+        "confirmations": [{"sessions": 1, "seconds": 2.0, "frames_dropped": 3, "frames_late": 1}],
+    }
+    line = report.throughput_headline(t)
+    assert (
+        "**Sessions per device: 0 sustained against the clock; the inference worker alone "
+        "fits 1**" in line
+    )
+    assert "1 sessions for 2.0 s: 3 dropped, 1 late" in line
+    md = "\n".join(report._throughput_section(t))
+    assert "fits (worker alone)" in md and "| 1 |" in md
+    t.update(sessions_per_device=1, fps=25, confirmations=[])
+    assert report.throughput_headline(t).startswith("**Sessions per device: 1** (25 fps in all)")

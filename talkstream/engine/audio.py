@@ -759,6 +759,10 @@ class MelFrontend:
 # ============================================================================================
 
 
+# libsndfile subtypes that store float samples.
+_FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+
+
 def _check_block_frames(block_frames: int) -> int:
     if isinstance(block_frames, bool) or not isinstance(block_frames, int) or block_frames <= 0:
         raise ValueError(f"block_frames must be a positive integer, got {block_frames!r}")
@@ -824,8 +828,36 @@ class AudioFileReader:
         if self._file.closed:
             raise RuntimeError(f"AudioFileReader for '{self.path}' is closed")
 
+    @property
+    def is_float(self) -> bool:
+        """Whether the file stores float samples (the only kind that can hold NaN or Inf)."""
+        return str(self._file.subtype) in _FLOAT_SUBTYPES
+
+    def _refuse_non_finite(self, block: np.ndarray, start_frame: int) -> None:
+        finite = np.isfinite(block)
+        if finite.all():
+            return
+        first = int(np.flatnonzero(~finite.all(axis=1))[0]) + start_frame
+        raise InputError(
+            f"audio file '{self.path}' holds invalid samples (NaN or infinity) from "
+            f"{first / self.sample_rate_hz:.2f} s: it is a float file that a program wrote "
+            "wrongly; export it again (e.g. as 16-bit PCM WAV)"
+        )
+
+    def check_finite(self, block_frames: int = 1 << 16) -> None:
+        """Raise ``InputError`` if any sample is NaN or infinite (reads float files through
+        once, in blocks; integer and compressed files cannot hold such samples)."""
+        if not self.is_float:
+            return
+        for _ in self.blocks(block_frames):
+            pass
+
     def read(self) -> Float32Array:
-        """The whole file as float32, shape ``(num_frames, channels)``."""
+        """The whole file as float32, shape ``(num_frames, channels)``.
+
+        Raises:
+            InputError: unreadable, empty, or holding NaN or infinite samples.
+        """
         self._check_open()
         try:
             self._file.seek(0)
@@ -834,6 +866,7 @@ class AudioFileReader:
             raise InputError(f"error while reading audio file '{self.path}': {exc}") from exc
         if data.shape[0] == 0:
             raise InputError(f"audio file '{self.path}' contains no audio samples")
+        self._refuse_non_finite(data, 0)
         return np.asarray(data, dtype=np.float32)
 
     def blocks(self, block_frames: int) -> Generator[Float32Array, None, None]:
@@ -842,11 +875,14 @@ class AudioFileReader:
 
         Raises:
             ValueError: ``block_frames`` is not a positive integer.
-            InputError: the file turns out to be corrupt partway.
+            InputError: the file turns out to be corrupt partway, or holds NaN or infinite
+                samples (cast to integers, as encoders do, their values are undefined).
         """
         _check_block_frames(block_frames)
         self._check_open()
         self._file.seek(0)
+        check = self.is_float
+        start = 0
         while True:
             try:
                 block = self._file.read(block_frames, dtype="float32", always_2d=True)
@@ -854,6 +890,9 @@ class AudioFileReader:
                 raise InputError(f"error while reading audio file '{self.path}': {exc}") from exc
             if block.shape[0] == 0:
                 return
+            if check:
+                self._refuse_non_finite(block, start)
+            start += block.shape[0]
             yield np.asarray(block, dtype=np.float32)
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import io
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -80,22 +81,45 @@ _DEFAULT_LANDMARKS_ASSET = "astronaut.landmarks.json"
 
 
 def load_image(path: str | Path, cfg: AvatarConfig) -> np.ndarray:
-    """Read a photo as RGB.
+    """Read a photo as RGB; one larger than ``cfg.max_image_pixels`` comes back reduced.
 
-    The pixel count is checked against ``cfg.max_image_pixels`` from the header, before any
-    pixel is decoded, so a decompression bomb is never decompressed. EXIF orientation is
-    applied; transparency is flattened onto white; 16-bit and float images are scaled to 8 bit.
+    See :func:`load_photo`, which also returns the reduction factor (what landmarks given in the
+    photo's own pixels need).
+    """
+    return load_photo(path, cfg)[0]
+
+
+def reduction_factor(width: int, height: int, max_pixels: int) -> int:
+    """The smallest power of two ``k`` for which a ``width x height`` image reduced ``k`` times
+    (each side divided by ``k``, rounded up) has at most ``max_pixels`` pixels."""
+    k = 1
+    while math.ceil(width / k) * math.ceil(height / k) > max_pixels and k < 1 << 12:
+        k *= 2
+    return k
+
+
+def load_photo(path: str | Path, cfg: AvatarConfig) -> tuple[np.ndarray, int]:
+    """Read a photo as RGB, reduced ``k`` times when it has more than ``cfg.max_image_pixels``.
+
+    A phone photo of 48-50 MP is more than the output frame or the detector can use: it is
+    reduced by the smallest power of two that brings it under the limit (a 50 MP photo to 12.5
+    MP), while it is decoded where the format allows it (JPEG's DCT scaling: the full-size
+    pixels are never held in memory), else by box-averaging ``k x k`` blocks after decoding.
+    Pixel ``(x, y)`` of the photo is at ``((x + 0.5) / k - 0.5, (y + 0.5) / k - 0.5)`` in the
+    result. The pixel count is read from the header before any pixel is decoded; more than
+    Pillow's decompression-bomb limit (~89 MP) is refused. EXIF orientation is applied;
+    transparency is flattened onto white; 16-bit and float images are scaled to 8 bit.
 
     Args:
         path: image file (any format Pillow reads: JPEG, PNG, WebP, ...).
-        cfg: limits ``max_file_bytes`` and ``max_image_pixels``.
+        cfg: ``max_file_bytes`` (refused above) and ``max_image_pixels`` (reduced above).
 
     Returns:
-        (H, W, 3) uint8 RGB, C-contiguous.
+        ``((H, W, 3) uint8 RGB C-contiguous, k)``; ``k`` is 1 for a photo within the limit.
 
     Raises:
-        InputError: missing path, a directory, unreadable, too large (bytes or pixels), not an
-            image, or corrupt/truncated; the message names the path.
+        InputError: missing path, a directory, unreadable, too large (bytes, or pixels beyond
+            the bomb guard), not an image, or corrupt/truncated; the message names the path.
     """
     p = Path(path)
     if not p.exists():
@@ -112,9 +136,10 @@ def load_image(path: str | Path, cfg: AvatarConfig) -> np.ndarray:
     except OSError as e:
         raise InputError(f"cannot read image file {p}: {e.strerror or e}") from e
     if len(data) > cfg.max_file_bytes:
+        limit_mb = cfg.max_file_bytes / 2**20
         raise InputError(
-            f"image file {p} is larger than the limit of {cfg.max_file_bytes} bytes "
-            "(AvatarConfig.max_file_bytes)"
+            f"image file {p} is larger than {limit_mb:.0f} MB; save it as a JPEG (a phone "
+            "photo is 3-15 MB) or make it smaller, then try again"
         )
     if not data:
         raise InputError(f"image file {p} is empty")
@@ -127,29 +152,71 @@ def load_image(path: str | Path, cfg: AvatarConfig) -> np.ndarray:
         except UnidentifiedImageError as e:
             raise InputError(f"{p} is not an image file (or not a format Pillow can read)") from e
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(
-                f"image {p} has too many pixels (decompression bomb guard): {e}"
-            ) from e
+            raise InputError(_too_many_pixels(p, e)) from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise InputError(f"image file {p} is corrupt: {e}") from e
         with im:
             width, height = im.size
-            if width * height > cfg.max_image_pixels:
-                raise InputError(
-                    f"image {p} is {width}x{height} = {width * height} pixels, more than the "
-                    f"limit of {cfg.max_image_pixels} (AvatarConfig.max_image_pixels)"
-                )
             if width < 1 or height < 1:
                 raise InputError(f"image {p} is empty ({width}x{height})")
+            k = reduction_factor(width, height, cfg.max_image_pixels)
             try:
+                if k > 1:
+                    target = (math.ceil(width / k), math.ceil(height / k))
+                    # JPEG: decode at 1/2, 1/4 or 1/8 scale directly (no-op for other formats).
+                    im.draft(im.mode if im.mode in ("L", "RGB") else "RGB", target)
                 im.load()
-                oriented = ImageOps.exif_transpose(im)
+                done = round(width / im.size[0])  # what the decoder reduced already
+                pic: Image.Image = im
+                if k > done:
+                    pic = _reducible(im).reduce(k // done)
+                oriented = ImageOps.exif_transpose(pic)
                 rgb = _to_rgb_array(oriented)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise InputError(f"image {p} has too many pixels: {e}") from e
+                raise InputError(_too_many_pixels(p, e)) from e
             except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
                 raise InputError(f"image file {p} is corrupt or truncated: {e}") from e
-    return rgb
+    if k > 1:
+        logger.info(
+            "%s is %dx%d (%.0f MP): using it reduced %d times, %dx%d",
+            p, width, height, width * height / 1e6, k, rgb.shape[1], rgb.shape[0],
+        )  # fmt: skip
+    return rgb, k
+
+
+def _reducible(im: Image.Image) -> Image.Image:
+    """``im`` in a mode ``Image.reduce`` averages (palette, 1-bit and 16-bit modes are not)."""
+    if im.mode in ("L", "LA", "RGB", "RGBA", "I", "F"):
+        return im
+    if im.mode == "P":
+        return im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode.startswith("I;16"):
+        return im.convert("I")
+    return im.convert("RGB")
+
+
+def _too_many_pixels(p: Path, e: Exception) -> str:
+    limit_mp = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    return (
+        f"image {p} has too many pixels to be a photo ({e}); make it smaller than "
+        f"{limit_mp:.0f} MP first (a phone photo is 12-50 MP)"
+    )
+
+
+def scale_points_to_reduced(points: np.ndarray, k: int) -> np.ndarray:
+    """(68, 2) pixel points of a photo -> the same points in it reduced ``k`` times."""
+    if k == 1:
+        return points
+    return ((np.asarray(points, dtype=np.float64) + 0.5) / k - 0.5).astype(np.float32)
+
+
+def scale_points_from_reduced(points: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`scale_points_to_reduced`: back to the photo's own pixels."""
+    if k == 1:
+        return points
+    return ((np.asarray(points, dtype=np.float64) + 0.5) * k - 0.5).astype(np.float32)
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:
@@ -634,6 +701,7 @@ def locate_face(
     landmarks: np.ndarray | None = None,
     detector: LandmarkDetector | None = None,
     source_name: str = "image",
+    enforce: bool = True,
 ) -> LocatedFace:
     """Find the face in a photo (or take the given landmarks) and judge it.
 
@@ -647,10 +715,13 @@ def locate_face(
         landmarks: (68, 2) landmarks instead of detection.
         detector: default: a new :class:`~talkstream.engine.landmarks.DlibDetector`.
         source_name: how messages name the photo.
+        enforce: False: the verdict is only returned (neither raised nor logged), for a caller
+            that saves the landmarks rather than animating them.
 
     Raises:
         InputError: no face; landmarks malformed, outside the photo or degenerate; a face that
-            cannot be animated well (unless ``cfg.check_quality`` is off).
+            cannot be animated well (unless ``cfg.check_quality`` is off or ``enforce`` is
+            False).
         MissingDependencyError: detection needed but dlib is not installed.
     """
     _check_image(image)
@@ -691,7 +762,8 @@ def locate_face(
         points = validate_landmarks(best.landmarks, what=f"detected landmarks in {source_name}")
         score = float(best.score)
     alignment_transform(points, cfg.crop_size, cfg.face_scale)  # raises on degenerate points
-    check = judge_face(points, score, cfg, source_name)
+    # Not enforced: only the verdict (neither raised nor logged).
+    check = judge_face(points, score, cfg, source_name) if enforce else check_face(points, score)
     return LocatedFace(points=points, score=score, detector=name, check=check)
 
 
@@ -977,8 +1049,10 @@ def prepare_avatar_from_path(
     Landmarks in the JSON file are in the pixel coordinates of the image as displayed, i.e.
     after its EXIF orientation is applied.
     """
-    image = load_image(path, cfg)
+    image, k = load_photo(path, cfg)
     points = load_landmarks_json(landmarks_path) if landmarks_path is not None else None
+    if points is not None:
+        points = scale_points_to_reduced(points, k)
     return prepare_avatar(image, cfg, landmarks=points, detector=detector, source_name=str(path))
 
 
@@ -1014,8 +1088,10 @@ def load_avatar_source(
             landmarks = default_landmarks()
         name = "the default face"
     else:
-        image = load_image(image_path, cfg)
+        image, k = load_photo(image_path, cfg)
         name = str(image_path)
+        if landmarks is not None:
+            landmarks = scale_points_to_reduced(landmarks, k)
     face = locate_face(image, cfg, landmarks=landmarks, detector=detector, source_name=name)
     return AvatarSource(image=image, face=face, name=name)
 
@@ -1065,11 +1141,15 @@ __all__ = [
     "judge_face",
     "load_avatar_source",
     "load_image",
+    "load_photo",
     "locate_face",
     "norm_to_crop_px",
     "prepare_avatar",
     "prepare_avatar_from_path",
     "prepare_avatar_source",
+    "reduction_factor",
+    "scale_points_from_reduced",
+    "scale_points_to_reduced",
     "warp_crop",
 ]
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from talkstream.busy import SlowdownHint
 from talkstream.config import FPS, SAMPLE_RATE_HZ, RenderConfig
 from talkstream.engine.audio import AudioFileReader
 from talkstream.engine.avatar import (
@@ -89,7 +91,39 @@ def check_out_path(out: Path) -> None:
     if not parent.is_dir():
         raise InputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {parent} is not writable")
+        raise InputError(f"output folder {parent} is not writable; choose another --out")
+    # Try it: os.access says yes for root in /proc, a read-only mount, a full disk.
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".talkstream-", suffix=out.suffix)
+    except OSError as e:
+        raise InputError(
+            f"cannot write {out}: no file can be created in {parent} ({e.strerror or e}); "
+            "choose --out in a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (a brief window, before any thread)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(out: Path) -> int:
+    """The permissions a new file ``out`` would get from ``open()``: 0o666 less the umask, or
+    those of the file it replaces (a temp file is created 0600 and renamed over ``out``)."""
+    try:
+        return out.stat().st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 class Mp4Writer:
@@ -110,11 +144,21 @@ class Mp4Writer:
         self.size = (height - height % 2, width - width % 2)
         self.channels = 1 if channels != 2 else 2
         self.layout = "mono" if self.channels == 1 else "stereo"
-        fd, tmp_name = tempfile.mkstemp(
-            dir=out.parent if str(out.parent) else ".", suffix=out.suffix
-        )
-        os.close(fd)
+        try:
+            fd, tmp_name = tempfile.mkstemp(
+                dir=out.parent if str(out.parent) else ".", suffix=out.suffix
+            )
+        except OSError as e:
+            raise InputError(
+                f"cannot write {out}: {e.strerror or e}; choose --out in a folder you can write to"
+            ) from None
         self.tmp = Path(tmp_name)
+        try:
+            # mkstemp makes the file 0600: give it what a plain open() would, before it is
+            # renamed into place.
+            os.fchmod(fd, output_mode(out))
+        finally:
+            os.close(fd)
         self.frames_written = 0
         self._a_pts = 0
         self._closed = False
@@ -196,6 +240,7 @@ def render_to_file(
     own_engine = engine is None
     eng: Engine | None = None
     try:
+        reader.check_finite()
         source = load_source_for_render(cfg)
         eng = engine if engine is not None else Engine(cfg.engine)
         avatar = load_avatar_for_render(cfg, eng.crop_size, source)
@@ -225,6 +270,8 @@ def _render(
     try:
         pbar = _progress(cfg.progress, total_frames)
         block = max(1, sr * cfg.chunk_ms // 1000)
+        threads = engine.cfg.threads if engine.device.type == "cpu" else 1
+        hint = SlowdownHint(lambda line: _say(pbar, line), threads=threads)
 
         def encode_video(frames: list[Frame]) -> None:
             nonlocal done
@@ -234,6 +281,7 @@ def _render(
                     on_frame(fr)
                 done += 1
                 pbar.update(1)
+            hint.update(done)
 
         for pcm in reader.blocks(block):
             session.push_audio(pcm, sr)
@@ -253,6 +301,14 @@ def _render(
         raise
     wall = time.perf_counter() - t0
     return RenderResult(out, done, reader.duration_s, wall, engine.random_init)
+
+
+def _say(pbar: tqdm, line: str) -> None:
+    # Above the progress bar when there is one; a log line otherwise.
+    if pbar.disable:
+        log.warning("%s", line)
+    else:
+        pbar.write(f"talkstream: {line}", file=sys.stderr)
 
 
 def _progress(enabled: bool, total: int) -> tqdm:

@@ -215,6 +215,99 @@ def _version(module: str) -> str | None:
     return str(getattr(mod, "__version__", "installed"))
 
 
+# What the optional parts of talkstream need: (name shown, module, distributions, extra, what
+# it is for). Looked up without importing (pipecat, livekit and ray take seconds to import).
+_COMPONENTS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
+    ("dlib", "dlib", ("dlib-bin", "dlib"), "detect", "face detection on new photos"),
+    (
+        "face-recognition-models",
+        "face_recognition_models",
+        ("face-recognition-models", "face_recognition_models"),
+        "detect",
+        "the 68-point landmark model",
+    ),
+    ("aiohttp", "aiohttp", ("aiohttp",), "serve", "talkstream serve's web server"),
+    ("aiortc", "aiortc", ("aiortc",), "serve", "WebRTC for talkstream serve"),
+    ("pyaudio", "pyaudio", ("PyAudio", "pyaudio"), "live", "the microphone of talkstream live"),
+    ("pyvirtualcam", "pyvirtualcam", ("pyvirtualcam",), "live", "talkstream live's camera"),
+    ("pipecat", "pipecat", ("pipecat-ai",), "pipecat", "the pipecat voice-agent integration"),
+    ("livekit", "livekit", ("livekit",), "livekit", "the LiveKit integration"),
+    ("livekit-agents", "livekit.agents", ("livekit-agents",), "livekit", "LiveKit agents"),
+    ("ray", "ray", ("ray",), "cluster", "render workers placed by Ray Serve"),
+)
+# Debian packages some components need beside their wheel.
+_SYSTEM_HINTS = {
+    "pyaudio": "on Debian/Ubuntu first: sudo apt-get install portaudio19-dev",
+}
+
+
+def _dist_version(dists: tuple[str, ...]) -> str | None:
+    from importlib import metadata
+
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _component(
+    name: str, module: str, dists: tuple[str, ...], extra: str, what: str
+) -> dict[str, Any]:
+    import importlib.util
+
+    try:
+        present = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing or broken
+        present = False
+    row: dict[str, Any] = {"for": what, "extra": extra, "installed": present, "version": None}
+    if present:
+        row["version"] = _dist_version(dists) or "installed"
+        if name == "pyaudio":
+            # The wheel imports only with the PortAudio shared library present.
+            try:
+                __import__("pyaudio")
+            except Exception as e:  # an ImportError or OSError naming the missing library
+                row["installed"] = False
+                row["problem"] = f"import failed: {e}"
+    if not row["installed"]:
+        fix = f"pip install 'talkstream[{extra}]'"
+        if name in _SYSTEM_HINTS:
+            fix = f"{_SYSTEM_HINTS[name]}, then {fix}"
+        row["install"] = fix
+    return row
+
+
+def _espeak_status() -> dict[str, Any]:
+    """libespeak-ng (speech for the corpus and the tests) and its command-line tool."""
+    import shutil
+
+    from talkstream.training._espeak_core import CoreError, load_library
+
+    row: dict[str, Any] = {
+        "for": "speech synthesis (training corpus, tests)",
+        "extra": None,
+        "cli": shutil.which("espeak-ng"),
+    }
+    try:
+        lib = load_library()
+    except CoreError:
+        row.update(installed=False, version=None)
+    else:
+        row.update(installed=True, version=getattr(lib, "_name", "libespeak-ng"))
+    if not row["installed"]:
+        row["install"] = "sudo apt-get install espeak-ng libespeak-ng1 (Debian/Ubuntu)"
+    return row
+
+
+def components_report() -> dict[str, dict[str, Any]]:
+    """Each optional component: installed or not, its version, and how to install it."""
+    rows = {c[0]: _component(*c) for c in _COMPONENTS}
+    rows["espeak-ng"] = _espeak_status()
+    return rows
+
+
 def doctor_report(device: str, dtype: str) -> dict[str, Any]:
     """Everything ``talkstream doctor`` prints, as a JSON-ready dict."""
     import torch
@@ -237,6 +330,7 @@ def doctor_report(device: str, dtype: str) -> dict[str, Any]:
         },
     }
     report["libraries"]["cupy"] = _cupy_status()
+    report["components"] = components_report()
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -303,6 +397,18 @@ def _cmd_doctor(a: argparse.Namespace, cfg: Any) -> int:
         print(f"  {name:12s} {version or 'not installed'}")
     if "onnxruntime_providers" in report:
         print(f"  onnxruntime providers: {', '.join(report['onnxruntime_providers'])}")
+    print("components:")
+    missing = []
+    for name, row in report["components"].items():
+        if row["installed"]:
+            print(f"  yes {name:24s}{row['version']}  ({row['for']})")
+        else:
+            print(f"  no  {name:24s}{row.get('problem', 'not installed')}  ({row['for']})")
+            missing.append(f"{name}: {row['install']}")
+    if missing:
+        print("to install what is missing:")
+        for line in missing:
+            print(f"  {line}")
     print("kernels: " + ", ".join(f"{d}: {k}" for d, k in report["kernels"].items()))
     for dev, rows in report["backends"].items():
         print(f"backends on {dev} ({cfg.dtype}):")

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from talkstream.busy import SlowdownHint
 from talkstream.config import FPS, SAMPLE_RATE_HZ, EngineConfig
 from talkstream.errors import TalkstreamError
 
@@ -51,6 +52,8 @@ DEFAULT_OUT = Path("live.mp4")
 DEFAULT_COMPUTE_BUDGET_MS = 100.0
 WAKE_INTERVAL_S = 0.05  # how often the loop looks at stop requests when no audio comes
 INT16_FULL_SCALE = 32768.0
+# Fresh frames a second under which the busy-machine hint may speak (25 are sent regardless).
+LIVE_HINT_FPS = 20.0
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,15 @@ class LiveLoop:
         self._taken_until = 0  # frames handed out by the session so far
         self._pending: dict[int, np.ndarray] = {}  # rendered frames waiting for their slot
         self._last = session.prepared.avatar.image  # shown until the first frame is rendered
+        # One line if fresh frames fall well under 25 a second while other programs hold the
+        # CPU (the rest of the slots repeat the last frame: a newcomer sees a stutter).
+        engine = session.engine
+        self.hint = SlowdownHint(
+            log.warning,
+            threads=engine.cfg.threads if engine.device.type == "cpu" else 1,
+            what="the live avatar renders",
+            min_fps=LIVE_HINT_FPS,
+        )
 
     # Runs in PortAudio's thread: push, queue and count, nothing that waits.
     def on_audio(self, pcm: np.ndarray, rate_hz: int) -> None:
@@ -277,6 +289,7 @@ class LiveLoop:
                 self.stats.rendered += 1
                 self._pending[frame.pts] = frame.image
                 self._taken_until = frame.pts + 1
+            self.hint.update(self.stats.rendered)
             if not final:
                 self._drain_audio()
                 self._send_due()
