@@ -38,6 +38,8 @@ def test_doctor_prints_a_readable_report(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "backends on cpu (float32):" in out
     assert "tensorrt" in out and "--backend auto on cpu:" in out
+    # Where TensorRT comes from, in one line (it cannot be installed on the CI machines).
+    assert "tensorrt: TensorRT is not installed: pip install tensorrt-cu12" in out
     assert main(["doctor", "--json", "--dtype", "bfloat16"]) == 0
     report = json.loads(capsys.readouterr().out)
     # onnxruntime runs float32 graphs only: doctor says so for bfloat16.

@@ -330,6 +330,10 @@ def doctor_report(device: str, dtype: str) -> dict[str, Any]:
         },
     }
     report["libraries"]["cupy"] = _cupy_status()
+    from talkstream.export.tensorrt import tensorrt_status
+
+    trt_ok, trt_line = tensorrt_status()
+    report["tensorrt"] = {"usable": trt_ok, "status": trt_line}
     report["components"] = components_report()
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -397,6 +401,7 @@ def _cmd_doctor(a: argparse.Namespace, cfg: Any) -> int:
         print(f"  {name:12s} {version or 'not installed'}")
     if "onnxruntime_providers" in report:
         print(f"  onnxruntime providers: {', '.join(report['onnxruntime_providers'])}")
+    print(f"tensorrt: {report['tensorrt']['status']}")
     print("components:")
     missing = []
     for name, row in report["components"].items():
