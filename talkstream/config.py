@@ -151,10 +151,16 @@ class EngineConfig:
     # Most frames one batched engine call renders. Concurrent streams' due frames are coalesced
     # into one call (``Engine.submit``); this bounds how long a call can keep the worker.
     max_batch_frames: int = 32
+    # TensorRT engines: "fp16" (fp16 graph types on TensorRT 11, the FP16 flag on 10) or "fp32".
+    tensorrt_precision: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.max_batch_frames < 1:
             raise ValueError(f"max_batch_frames must be >= 1, got {self.max_batch_frames}")
+        if self.tensorrt_precision not in ("fp16", "fp32"):
+            raise ValueError(
+                f"tensorrt_precision must be fp16 or fp32, got {self.tensorrt_precision!r}"
+            )
 
 
 @dataclass(frozen=True)

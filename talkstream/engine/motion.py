@@ -246,6 +246,10 @@ class MotionStreamer:
         self.next_frame = 0  # next output frame to emit
         self._end_frames: int | None = None  # total frames, known once the stream ended
         self._ended = False
+        # Interruption (see ``interrupt``): mel rows [start, stop) are silence whenever they
+        # arrive; and once frame ``_forget[0]`` is next, every row before ``_forget[1]`` is.
+        self._mute: tuple[int, int] | None = None
+        self._forget: tuple[int, int] | None = None
 
     @property
     def rows_received(self) -> int:
@@ -256,6 +260,8 @@ class MotionStreamer:
             raise RuntimeError("push_mel() after end(): the stream has ended")
         if rows.shape[0]:
             self._rows = np.concatenate([self._rows, rows.astype(np.float32, copy=False)])
+            if self._mute is not None:
+                self._apply_mute()
 
     def end(self, n_samples_16k: int) -> None:
         """The audio ended after ``n_samples_16k`` samples: the remaining frames become ready."""
@@ -274,9 +280,13 @@ class MotionStreamer:
     def ready_windows(self, max_frames: int | None = None) -> tuple[list[int], np.ndarray]:
         """(frame indices, windows (F, W, R, n_mels)) of every frame that is now computable."""
         frames: list[int] = []
-        while self._frame_ready(self.next_frame) and (
-            max_frames is None or len(frames) < max_frames
-        ):
+        while max_frames is None or len(frames) < max_frames:
+            if self._forget is not None and self.next_frame >= self._forget[0]:
+                if frames:
+                    break  # these frames' windows still see the past; the next ones' do not
+                self._apply_forget()
+            if not self._frame_ready(self.next_frame):
+                break
             frames.append(self.next_frame)
             self.next_frame += 1
         if not frames:
@@ -284,6 +294,69 @@ class MotionStreamer:
         win = build_windows(self._rows, frames, self.cfg, self.silence, self._row_base)
         self._drop_unneeded()
         return frames, win
+
+    # -- interruption ---------------------------------------------------------------------------
+
+    def interrupt(self, at_frame: int, clean_row: int, *, keep_past: bool = False) -> None:
+        """Frames from ``at_frame`` on are computed as if the audio fell silent there.
+
+        Mel rows from the first one centred at or after frame ``at_frame``'s start up to
+        ``clean_row`` (exclusive; the caller's first row computed from audio after the cut)
+        become silence, held ones now and later ones as they arrive: no window, before the cut
+        or after it, sees the cut speech in its future. Unless ``keep_past``, frames from
+        ``at_frame`` on also see silence for every row before ``clean_row`` (their past
+        context): their windows are those of a silent stream, so the mouth is at rest from
+        the first of them, instead of closing over the context's length. Frames from
+        ``at_frame`` that were already emitted are emitted again (the caller discards the old
+        ones); frame indices, and so media time, go on without a jump. (With ``keep_past``, a
+        rewound frame reads the rows already dropped, those before the context of the next
+        frame that was due, as silence.)
+        """
+        at_frame = max(at_frame, 0)
+        cut_row = -(-MEL_NUM * at_frame // MEL_DEN)  # first row centred at or after the cut
+        clean_row = max(clean_row, cut_row)
+        if self._end_frames is None or at_frame < self._end_frames:
+            self.next_frame = min(self.next_frame, at_frame)
+        if clean_row > cut_row:
+            if self._mute is not None and self._mute[1] > self.rows_received:
+                # A cut still waiting for some of its rows: the new one extends it.
+                cut_row = min(cut_row, self._mute[0])
+                clean_row = max(clean_row, self._mute[1])
+            self._mute = (cut_row, clean_row)
+            self._apply_mute()
+        if not keep_past:
+            if self._forget is not None and self._forget[0] < at_frame:
+                # An earlier cut's frames are still to come: they keep forgetting from there.
+                at_frame = self._forget[0]
+                clean_row = max(clean_row, self._forget[1])
+            self._forget = (at_frame, clean_row)
+            if self.next_frame >= at_frame:
+                self._apply_forget()
+
+    def _silence_rows(self, start: int, stop: int) -> None:
+        lo = max(start, self._row_base) - self._row_base
+        hi = min(stop, self.rows_received) - self._row_base
+        if hi > lo:
+            if not self._rows.flags.writeable:
+                self._rows = self._rows.copy()
+            self._rows[lo:hi] = self.silence
+
+    def _apply_mute(self) -> None:
+        assert self._mute is not None
+        start, stop = self._mute
+        self._silence_rows(start, stop)
+        if self.rows_received >= stop:
+            self._mute = None  # every muted row has arrived and been silenced
+
+    def _apply_forget(self) -> None:
+        assert self._forget is not None
+        _, stop = self._forget
+        self._forget = None
+        received = self.rows_received
+        self._silence_rows(self._row_base, stop)
+        if stop > received:  # rows not yet here: silenced as they arrive
+            lo = received if self._mute is None else min(self._mute[0], received)
+            self._mute = (lo, max(stop, self._mute[1] if self._mute is not None else stop))
 
     def _drop_unneeded(self) -> None:
         first_row = token_rows(self.next_frame - self.cfg.context_frames, self.cfg)[0]

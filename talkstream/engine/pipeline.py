@@ -6,6 +6,9 @@ with presentation timestamps, from ``Session.frames()`` (async) or ``Session.ren
 engine's single inference worker thread, never on the caller's event loop; ``push_audio`` only
 runs the audio frontend, which costs microseconds per 20 ms chunk.
 
+For barge-in, ``Session.interrupt(at_frame)`` renders the frames from ``at_frame`` on as if the
+audio fell silent there (the audio fed ahead of the display is cut, the face is at rest at once).
+
 Frame ``pts`` counts video frames from the session's start (``time_base`` = 1/25 s): media time
 comes from the audio sample counter, never from how fast compute ran.
 """
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,6 +108,9 @@ class Engine:
             threads=cfg.threads,
             sampler=self.sampler,
             lookaheads=() if cfg.lookahead_frames is None else (cfg.lookahead_frames,),
+            # Artifacts must take every batch the engine coalesces (Engine.submit).
+            max_batch=cfg.max_batch_frames,
+            precision=cfg.tensorrt_precision,
         )
         self.crop_size = self.denoiser.cfg.image_size
         self._lock = threading.Lock()  # one model call at a time
@@ -353,6 +360,10 @@ class Session:
         self.render_wall_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+        # Interruptions: how many so far, and (count after it, cut frame) of the recent ones,
+        # so that frames() can drop frames rendered from windows taken before a cut.
+        self.interrupts = 0
+        self._cuts: deque[tuple[int, int]] = deque(maxlen=64)
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -373,6 +384,40 @@ class Session:
             self.streamer.push_mel(self.frontend.flush())
             self.streamer.end(self.frontend.samples_received_16k)
         self._wake()
+
+    def interrupt(self, at_frame: int, *, keep_past: bool = False) -> None:
+        """Render every frame from ``at_frame`` on as if the audio fell silent at its start.
+
+        For barge-in: the audio fed so far (the latency budget's worth ahead of the display)
+        holds speech that will not be played. The mel rows computed from it after the cut, and
+        the rows the frontend will still compute from it (its STFT window and resampler tail),
+        become silence; frames from ``at_frame`` on also forget the speech before the cut
+        (unless ``keep_past``), so the first of them already shows the face at rest (idle
+        motion goes on). Frames from ``at_frame`` on that were already taken are taken again;
+        ``frames()`` drops those rendered from the old windows, a caller of
+        ``take_ready``/``render_ready`` discards them itself. Frame indices (``pts``) and the
+        sample counters go on unchanged: the caller keeps pushing audio where it left off
+        (silence, or the next speech). Thread-safe, like ``push_audio``.
+        """
+        acfg = self.engine.audio_cfg
+        with self._lock:
+            fe = self.frontend
+            # Speech fed so far ends at samples_received_16k plus what the resampler still
+            # holds; a resampled sample depends on input up to that lookahead on either side.
+            resampler_lat = fe.latency_samples_16k - (acfg.n_fft - acfg.n_fft // 2)
+            speech_end = fe.samples_received_16k + 2 * max(resampler_lat, 0)
+            # The first mel row whose STFT window starts after the speech (one row of margin).
+            clean_row = -(-(speech_end + acfg.n_fft // 2) // acfg.hop_samples) + 1
+            self.streamer.interrupt(at_frame, clean_row, keep_past=keep_past)
+            self.interrupts += 1
+            self._cuts.append((self.interrupts, max(at_frame, 0)))
+        self._wake()
+
+    def _cut_since(self, interrupts: int) -> int | None:
+        """The earliest frame cut by the interruptions after the first ``interrupts``."""
+        with self._lock:
+            cuts = [f for n, f in self._cuts if n > interrupts]
+        return min(cuts) if cuts else None
 
     @property
     def ended(self) -> bool:
@@ -402,9 +447,14 @@ class Session:
         Pass the items of one or more sessions to ``Engine.render`` (one batched call for all
         sessions that are due together); each frame is claimed exactly once.
         """
+        return self._take_ready()[0]
+
+    def _take_ready(self) -> tuple[list[RenderItem], int]:
+        """take_ready() and the interruption count its windows were built after."""
         with self._lock:
             frames, windows = self.streamer.ready_windows(self.max_batch)
-        return [RenderItem(self, t, windows[i]) for i, t in enumerate(frames)]
+            interrupts = self.interrupts
+        return [RenderItem(self, t, windows[i]) for i, t in enumerate(frames)], interrupts
 
     def has_ready(self) -> bool:
         with self._lock:
@@ -449,11 +499,16 @@ class Session:
             if skip_before is not None:
                 self.skip_until(skip_before())
             if self.has_ready():
-                items = self.take_ready()
+                items, interrupts = self._take_ready()
                 t0 = time.perf_counter()
                 # Coalesced with other sessions' due frames into one engine call.
                 rendered = await asyncio.wrap_future(self.engine.submit(items), loop=loop)
                 self.render_wall_s = (time.perf_counter() - t0) / max(len(rendered), 1)
+                if self.interrupts != interrupts:
+                    # Interrupted meanwhile: frames from the cut on are rendered again.
+                    cut = self._cut_since(interrupts)
+                    if cut is not None:
+                        rendered = [f for f in rendered if f.pts < cut]
                 for frame in rendered:
                     yield frame
                 continue

@@ -88,7 +88,10 @@ class LoadOptions:
     dtype: str = "float32"
     cache_dir: Path | None = None  # the cache root; None: a private temporary directory
     rebuild: bool = False  # rebuild cached artifacts even when their key matches
-    max_batch: int = 8  # largest batch a built artifact must take (TensorRT profiles)
+    # Largest batch a built artifact must take (TensorRT profiles, compiled buckets): the
+    # engine passes its coalescing limit, EngineConfig.max_batch_frames.
+    max_batch: int = 8
+    precision: str = "fp16"  # TensorRT engines: fp16 or fp32
     threads: int | None = None  # CPU threads for onnxruntime; None: torch's setting
     sampler: FewStepSampler | None = None  # pre-build this sampler's loop graph at load
     lookaheads: tuple[int, ...] = ()  # pre-build these motion lookaheads (default: trained)

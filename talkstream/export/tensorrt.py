@@ -426,7 +426,7 @@ class TensorRTModels(LoadedModels):
         # The precision: the argument, else LoadOptions.precision when it has one (the config
         # is to carry it there), else fp16. LoadOptions.dtype is the eager modules' torch
         # dtype, not the engines' precision, so it is not read here.
-        self.precision = precision or getattr(options, "precision", None) or DEFAULT_PRECISION
+        self.precision = precision or options.precision or DEFAULT_PRECISION
         self.plan = build_plan(self.trt.__version__, self.precision)
         if options.trt_plugins:
             from talkstream.export.trt_plugins import register_plugins

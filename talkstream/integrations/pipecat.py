@@ -18,10 +18,11 @@ speaking" state follows what the user hears; every other frame passes through at
 order.
 
 With no speech queued the face idles (blinks, breathes, sways): the engine renders silence as
-idle motion. An ``InterruptionFrame`` (the user barges in) drops the queued speech and stops the
-voice at the next 40 ms block; frames keep coming every 40 ms (never a frozen image) and the
-mouth comes to rest once the frames rendered from speech already fed to the engine (at most the
-latency budget plus the presenter lead, ~200 ms) have played.
+idle motion. An ``InterruptionFrame`` (the user barges in) drops the queued speech and cuts the
+speech already fed to the engine from the next 40 ms block on (``AvatarStream.interrupt``):
+the voice stops there and the face is at rest from that frame (from the one after it when the
+engine could not render that frame again in time: the image before it then stays for one more
+frame); frames keep coming every 40 ms and the face keeps idling.
 
 Set the output transport's ``video_out_width``/``video_out_height`` to :attr:`frame_size`
 (640x480 for the default "call" framing) and its ``audio_out_sample_rate`` to 48000, so it
@@ -436,7 +437,11 @@ class TalkstreamVideoService(FrameProcessor):
         stream = self._stream
         if stream is None:
             return
-        dropped = stream.interrupt()
+        # Voice and face stop together at the next block: the engine renders the frames from
+        # there on as if the speech had stopped, and rendered frames ahead of it are dropped.
+        # (The voice comes first: when that frame cannot be rendered again in time, the image
+        # before it stays one frame longer, and the face is at rest from the next one.)
+        dropped = stream.interrupt(self._next_index)
         cut = self._next_index * SAMPLES_PER_FRAME_48K
         kept: deque[_Span] = deque()
         for span in self._spans:

@@ -7,7 +7,8 @@ An :class:`AvatarStream` owns one engine ``Session``, one :class:`MediaClock` an
   on the timeline by their RTP timestamps; where the input is late beyond the jitter budget
   (a stalled microphone, lost packets), silence stands in, so the avatar keeps moving (idly);
 - ``presenter``: chunks pushed by a program (:meth:`AvatarStream.push_speech`), queued and fed to
-  the timeline at real-time pace; silence when the queue is empty; :meth:`interrupt` clears it.
+  the timeline at real-time pace; silence when the queue is empty; :meth:`interrupt` clears it
+  and cuts the speech already fed from the next frame on (voice and face stop together).
 
 Every timeline sample goes to the session as it is written. The session's frames are rendered
 in the engine's worker, one small batch at a time; frames whose display time will have passed
@@ -368,18 +369,58 @@ class AvatarStream:
             self.metrics.input_audio.inc(x.shape[0] / sample_rate)
         return self.queued_samples / OUT_RATE_HZ
 
-    def interrupt(self) -> float:
-        """Drop the queued speech (``presenter`` mode); returns the seconds dropped.
+    def interrupt(self, at_frame: int | None = None) -> float:
+        """Barge-in: drop the queued speech and cut what was already fed, from ``at_frame`` on.
 
-        Speech already fed to the session (at most the lead plus the latency budget) still
-        plays out, so lips and voice stay together.
+        ``at_frame`` defaults to :meth:`interrupt_frame`: the next frame shown, or the one after
+        it when its render could not finish in time. From it on the timeline is silence
+        (``read_audio`` returns zeros for the cut speech, so every reader stops the voice
+        there) and the session renders those frames again as if the speech had stopped
+        (``Session.interrupt``): rendered frames from the cut on are dropped, and the first
+        one shown is the face at rest, idling (blinks, breathing), never a frozen image. Lips
+        and voice stay together: both stop at the same frame. Media time goes on without a
+        jump.
+
+        Returns the seconds of queued speech dropped (not counting the cut part already on
+        the timeline, at most the lead plus the latency budget).
         """
         dropped = self.queued_samples / OUT_RATE_HZ
         self._queue.clear()
         self.queued_samples = 0
         # A resampler's history belongs to the speech that was cut: start afresh.
         self._push_resampler = None
+        if at_frame is None:
+            at_frame = self.interrupt_frame()
+        at_frame = max(at_frame, 0)
+        cut = at_frame * SAMPLES_PER_FRAME_48K
+        lo = max(cut, self.written - self._ring.shape[0])
+        if self.written > lo:
+            self._write_ring(np.zeros(self.written - lo, dtype=np.int16), lo)
+        self.session.interrupt(at_frame)
+        kept = [f for f in self._rendered if f.pts < at_frame]
+        self._rendered.clear()
+        self._rendered.extend(kept)
+        if self._display_cache is not None and self._display_cache[0] >= at_frame:
+            self._display_cache = None
+        self._last_fresh_pts = min(self._last_fresh_pts, at_frame - 1)
+        for trace in (self.motion_trace, self.mouth_trace):
+            while trace and trace[-1][0] >= at_frame:
+                trace.pop()
+        self._last_landmarks = kept[-1].landmarks if kept else None
         return dropped
+
+    def interrupt_frame(self) -> int:
+        """The first frame an interruption can still change: not yet on screen, its audio not
+        yet read by an audio track (they read ``audio_lead_ms`` ahead), and renderable before
+        its display time (by the render loop's own estimate, the rule that skips late frames).
+        Cutting any earlier would repeat the last frame shown (a frozen image) or let the
+        voice of a frame play without its lips."""
+        clock = self.clock
+        on_screen = clock.frame_on_screen() + 1
+        read = clock.output_position() + self.cfg.audio_lead_ms / 1000 * OUT_RATE_HZ
+        return max(
+            on_screen, math.ceil(read / SAMPLES_PER_FRAME_48K), self._first_worth_rendering(), 0
+        )
 
     def _feed_from_queue(self, n: int) -> None:
         while n > 0:

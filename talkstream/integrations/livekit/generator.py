@@ -31,8 +31,9 @@ A slot holds the speech of at most one segment, so every segment starts on a fra
 ``AudioSegmentEnd`` is yielded once the segment's last slot has played. ``clear_buffer`` (the
 agent's ``lk.clear_buffer``: the user interrupted) drops the queued speech and mutes the slots
 already on the timeline: the voice stops within what ``AudioSource`` already holds (at most two
-frames, 80 ms), and the mouth comes to rest once the frames rendered from speech already fed to
-the engine (``delay_frames``, 240 ms for ``tiny``) have been shown.
+frames, 80 ms), and the engine renders the frames from there on again as if the speech had
+stopped there (``Session.interrupt``), so the face is at rest, still idling, from the frame
+where the voice stops (a frame later when that frame's render was already under way).
 
 Needs the ``livekit`` extra: ``pip install 'talkstream[livekit]'``.
 """
@@ -260,12 +261,25 @@ class TalkstreamVideoGenerator(VideoGenerator):
             self._segment += 1  # the receiver drops the rest of this segment
         self._receiving = False
         self._resampler = None
+        # Slots whose audio was handed over play out (they form a prefix); from the first one
+        # not handed over, voice and face stop together: the session renders those frames
+        # again from silence, and frames rendered from the cut speech are dropped.
+        cut = self._written
         for slot in self._slots:
-            if not slot.audio_sent and slot.segment is not None:
-                dropped += slot.speech
+            if not slot.audio_sent:
+                cut = min(cut, slot.index)
+                if slot.segment is not None:
+                    dropped += slot.speech
                 slot.speech = 0
                 slot.segment = None
+                slot.pcm[:] = 0
             slot.last = False
+        self.session.interrupt(cut)
+        kept = [f for f in self._rendered if f.pts < cut]
+        self._rendered.clear()
+        self._rendered.extend(kept)
+        if self._frame_cache is not None and self._frame_cache[0] >= cut:
+            self._frame_cache = None
         self._segment_done = False
         self.stats.interrupts += 1
         self.stats.dropped_speech_s += dropped / OUT_RATE_HZ
