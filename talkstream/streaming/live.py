@@ -1,4 +1,5 @@
-"""``talkstream live``: a local microphone in, the avatar out on a virtual camera or into a file.
+"""``talkstream live``: a local microphone in, the avatar out on a virtual camera, into a file,
+or published into an SFU (a Janus VideoRoom or any WHIP ingest).
 
 Threads and clocks:
 
@@ -13,7 +14,9 @@ Threads and clocks:
   an ever-growing delay, and the audio clock is never held up by compute.
 
 The file output gets every slot (25 fps exactly, in sync with the captured audio from its first
-sample); the virtual camera gets the same slots as they fall due.
+sample); the virtual camera gets the same slots as they fall due. The publishing output
+(``talkstream.publish.sink``) gets them as they fall due too, with the captured voice held back
+by the same delay so that lips and voice leave together.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from talkstream.errors import TalkstreamError
 if TYPE_CHECKING:  # the engine pulls in torch: imported only when a capture really runs
     from talkstream.engine.avatar import Avatar
     from talkstream.engine.pipeline import Engine, Session
+    from talkstream.publish.sink import PublishTarget
     from talkstream.streaming.mic import AudioSystem, InputDevice
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("vcam", "file")
+OUTPUTS = ("vcam", "file", "publish")  # publish: set by --janus / --whip, not by --output
 DEFAULT_OUT = Path("live.mp4")
 # Headroom for rendering beyond the session's algorithmic latency: covers the 20 ms capture
 # granularity plus one render of the tiny model on a 2-core CPU with room to spare.
@@ -60,8 +64,9 @@ LIVE_HINT_FPS = 20.0
 class LiveConfig:
     """What ``talkstream live`` does: where the audio comes from and where the avatar goes."""
 
-    output: str = "vcam"  # "vcam" or "file"
+    output: str = "vcam"  # "vcam", "file" or "publish"
     out: Path = DEFAULT_OUT  # with output == "file"
+    publish: PublishTarget | None = None  # with output == "publish"
     duration_s: float | None = None  # None: until interrupted (Ctrl-C)
     input_device: str | None = None  # index or (part of) a name; None: the default input
     vcam_device: str | None = None  # e.g. /dev/video4; None: the first free one
@@ -75,6 +80,8 @@ class LiveConfig:
     def validate(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"output {self.output!r} is not one of {OUTPUTS}")
+        if (self.output == "publish") != (self.publish is not None):
+            raise ValueError("output 'publish' goes with a PublishTarget, and only it")
         if self.duration_s is not None and not self.duration_s > 0:
             raise TalkstreamError(f"--duration must be > 0 seconds, got {self.duration_s}")
         if not self.compute_budget_ms >= 0:
@@ -148,6 +155,11 @@ class VcamSink:
 def open_sink(cfg: LiveConfig, width: int, height: int, rate_hz: int) -> FrameSink:
     if cfg.output == "file":
         return FileSink(cfg.out, width, height, rate_hz, cfg.crf)
+    if cfg.output == "publish":
+        from talkstream.publish.sink import PublishSink
+
+        assert cfg.publish is not None
+        return PublishSink(cfg.publish)  # connects now: before the capture starts
     return VcamSink(width, height, cfg.vcam_device)
 
 
@@ -395,15 +407,19 @@ def run_live(
 
 DESCRIPTION = """\
 Capture a local microphone and render the avatar speaking it in real time: to a virtual
-camera for video-call apps (Linux needs the v4l2loopback module), or to an mp4 with the
-captured audio. Frames are paced by the microphone's clock; when rendering falls behind,
-late frames are dropped. Stop with Ctrl-C or --duration.
+camera for video-call apps (Linux needs the v4l2loopback module), to an mp4 with the
+captured audio, or published with the captured voice (VP8 + Opus, encoded once) into a Janus
+VideoRoom (--janus) or any WHIP ingest (--whip) whose SFU serves the audience. Frames are
+paced by the microphone's clock; when rendering falls behind, late frames are dropped. Stop
+with Ctrl-C or --duration.
 """
 
 EPILOG = """\
 examples:
   talkstream live                               default mic -> virtual camera (v4l2loopback)
   talkstream live --out talk.mp4 --duration 10  10 s from the default mic into an mp4
+  talkstream live --janus http://127.0.0.1:8088/janus --room 1234   into a Janus VideoRoom
+  talkstream live --whip https://ingest.example/whip/abc --token T  into any WHIP ingest
   talkstream live --list-devices                what PortAudio sees (mics, virtual cameras)
   talkstream live --input-device "USB" --image me.jpg --landmarks me.json
 """
@@ -429,7 +445,8 @@ def add_parser(
 
     p = sub.add_parser(
         "live",
-        help="speak into a microphone; the avatar speaks on a virtual camera or into an mp4",
+        help="speak into a microphone; the avatar speaks on a virtual camera, into an mp4, or "
+        "into an SFU (Janus / WHIP)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
@@ -484,17 +501,89 @@ def add_parser(
         f"than that are dropped (default {DEFAULT_COMPUTE_BUDGET_MS:g})",
     )
     p.add_argument("--crf", type=int, default=20, help="H.264 quality for --output file (20)")
+    pub = p.add_argument_group(
+        "publishing (instead of --output/--out: the avatar and the captured voice go to an SFU)"
+    )
+    target = pub.add_mutually_exclusive_group()
+    target.add_argument(
+        "--janus",
+        metavar="URL",
+        help="publish into a Janus VideoRoom through its HTTP API, e.g. "
+        "http://127.0.0.1:8088/janus",
+    )
+    target.add_argument("--whip", metavar="URL", help="publish to this WHIP endpoint (RFC 9725)")
+    pub.add_argument(
+        "--room",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Janus VideoRoom room (created if missing; 1234)",
+    )
+    pub.add_argument(
+        "--display",
+        default=None,
+        metavar="NAME",
+        help="publisher name shown in the Janus room (talkstream)",
+    )
+    pub.add_argument("--token", default=None, metavar="T", help="WHIP Bearer token")
+    pub.add_argument(
+        "--ice-local-only",
+        action="store_true",
+        help="gather ICE candidates on this machine's first IPv4 address only (an SFU on this "
+        "machine, as in the tests)",
+    )
     add_engine_args(p)
     p.set_defaults(func=lambda a: _cmd_live(a, engine_config))
 
 
+def _publish_target(a: argparse.Namespace) -> PublishTarget | None:
+    """--janus/--whip and their options; None without either (options alone are an error)."""
+    if not (a.janus or a.whip):
+        for flag, value in (
+            ("--room", a.room),
+            ("--display", a.display),
+            ("--token", a.token),
+            ("--ice-local-only", a.ice_local_only or None),
+        ):
+            if value is not None:
+                raise TalkstreamError(f"{flag} is for publishing: add --janus URL or --whip URL")
+        return None
+    for flag, value in (("--output", a.output), ("--out", a.out), ("--vcam-device", a.vcam_device)):
+        if value is not None:
+            which = "--janus" if a.janus else "--whip"
+            raise TalkstreamError(f"{flag} and {which} are different outputs: give one of them")
+    if a.janus and a.token:
+        raise TalkstreamError("--token is for --whip; Janus's HTTP API takes none here")
+    if a.whip and (a.room is not None or a.display is not None):
+        raise TalkstreamError("--room and --display are for --janus; a WHIP URL names its room")
+    import importlib.util
+
+    from talkstream.errors import MissingDependencyError
+
+    for module in ("aiohttp", "aiortc"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError("talkstream live --janus/--whip", module, "serve")
+    from talkstream.publish.sink import PublishTarget
+
+    return PublishTarget(
+        janus=a.janus,
+        room=1234 if a.room is None else a.room,
+        display=a.display or "talkstream",
+        whip=a.whip,
+        token=a.token,
+        ice_local_only=a.ice_local_only,
+    )
+
+
 def _config_from_args(a: argparse.Namespace, engine_config: EngineConfig) -> LiveConfig:
-    output = a.output or ("file" if a.out is not None else "vcam")
+    publish = _publish_target(a)
+    output = "publish" if publish else a.output or ("file" if a.out is not None else "vcam")
     if output == "vcam" and a.out is not None:
         raise TalkstreamError("--out is for --output file; the virtual camera writes no file")
     return LiveConfig(
         output=output,
         out=a.out or DEFAULT_OUT,
+        publish=publish,
         duration_s=a.duration,
         input_device=a.input_device,
         vcam_device=a.vcam_device,
@@ -557,6 +646,12 @@ def _cmd_live(
         from talkstream.engine.render import check_out_path
 
         check_out_path(cfg.out)
+    elif cfg.publish is not None:
+        import asyncio
+
+        from talkstream.publish.sink import check_target
+
+        asyncio.run(check_target(cfg.publish))  # an unreachable SFU: one line, no mic opened
     else:
         from talkstream.streaming.vcam import import_pyvirtualcam
 
