@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from talkstream.streaming.config import default_max_sessions
+
 SAMPLE_EVERY_S = 10.0
 SETTLE_S = 20.0
 
@@ -50,7 +52,8 @@ SETTLE_S = 20.0
 @dataclass
 class Scenario:
     minutes: float = 10.0
-    sessions: int = 4  # = max_sessions: the server at its limit
+    # = max_sessions: the server at its limit (serve's default for a CPU: one per core).
+    sessions: int = default_max_sessions("cpu")
     preset: str = "tiny"
     backend: str = "auto"
     fuzz_concurrency: int = 4

@@ -29,7 +29,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
 from talkstream.streaming.client import SpeechTrack, connect
-from talkstream.streaming.config import ServeConfig
+from talkstream.streaming.config import ServeConfig, default_max_sessions
 from talkstream.streaming.sdp import use_loopback_ice
 from talkstream.streaming.server import MANAGER_KEY, create_app, make_runner, warm_up
 from talkstream.streaming.sessions import SessionManager
@@ -395,7 +395,7 @@ async def test_health_metrics_and_web_client(warm_engine: Engine, default_avatar
                 "sessions": 1,
                 "presenters": 0,
                 "viewers": 0,
-                "max_sessions": 4,
+                "max_sessions": default_max_sessions("cpu"),
                 "accepting": True,
                 "preset": "tiny",
                 "random_weights": True,

@@ -42,8 +42,9 @@ def add_parser(
     p.add_argument(
         "--max-sessions",
         type=int,
-        default=4,
-        help="avatar streams rendering at once: live sessions + presenters (4)",
+        default=None,
+        help="avatar streams rendering at once: live sessions + presenters (default: one per "
+        "CPU core on a CPU, 8 on a GPU)",
     )
     p.add_argument(
         "--max-viewers", type=int, default=16, help="presenter viewers, over all presenters (16)"

@@ -6,6 +6,7 @@ Built once at the entry point (``talkstream serve``, a test, a benchmark) and pa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,14 +65,27 @@ class StreamConfig:
             raise ValueError(f"replay_buffer_s must be >= 1 s, got {self.replay_buffer_s}")
 
 
+def default_max_sessions(device: str) -> int:
+    """How many 25 fps streams ``serve`` admits by default on ``device``.
+
+    A CPU: one per core (the 2-core dev box holds 2 live sessions at 25 fps, encoders
+    included; at 4 every stream fell to a few frames a second: benchmarks/RESULTS.md). A GPU: 8
+    (the engine batches the sessions' frames; not yet measured). ``--max-sessions`` overrides.
+    """
+    if device.split(":", 1)[0] == "cuda":
+        return 8
+    return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """``talkstream serve``: where to listen, what to show, and the limits that keep it up."""
 
     host: str = "127.0.0.1"
     port: int = 8080
-    # Avatar streams that render at once: live sessions plus presenters (503 beyond).
-    max_sessions: int = 4
+    # Avatar streams that render at once: live sessions plus presenters (503 beyond). None:
+    # what the device holds at 25 fps, see default_max_sessions.
+    max_sessions: int | None = None
     # Viewers of presenters, over all presenters (each costs a video encoder).
     max_viewers: int = 16
     # A live session with no input audio, or a presenter with neither pushes nor viewers, for
@@ -150,6 +164,8 @@ class ServeConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_sessions is None:
+            object.__setattr__(self, "max_sessions", default_max_sessions(self.engine.device))
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if self.max_viewers < 0:
