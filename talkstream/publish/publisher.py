@@ -60,15 +60,21 @@ def _prefer(transceiver: Any, kind: str, mime: str) -> None:
         transceiver.setCodecPreferences(chosen + rtx)
 
 
-def publisher_peer(
-    stream: AvatarStream, ice_servers: Sequence[IceServer] = ()
-) -> RTCPeerConnection:
-    """A send-only peer with the stream's voice (Opus) and face (VP8, bitrate held)."""
+Tracks = tuple[MediaStreamTrack, MediaStreamTrack]  # (voice, face)
+
+
+def stream_tracks(stream: AvatarStream) -> Tracks:
+    """An avatar stream's voice and face as aiortc tracks."""
+    return AvatarAudioTrack(stream), AvatarVideoTrack(stream)
+
+
+def publisher_peer(tracks: Tracks, ice_servers: Sequence[IceServer] = ()) -> RTCPeerConnection:
+    """A send-only peer with a voice (Opus) and a face (VP8, bitrate held)."""
     from talkstream.streaming.sessions import hold_video_bitrate
 
     pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(ice_servers)))
-    audio = pc.addTransceiver(AvatarAudioTrack(stream), direction="sendonly")
-    video = pc.addTransceiver(AvatarVideoTrack(stream), direction="sendonly")
+    audio = pc.addTransceiver(tracks[0], direction="sendonly")
+    video = pc.addTransceiver(tracks[1], direction="sendonly")
     _prefer(audio, "audio", "audio/opus")
     # VP8: what a VideoRoom and every browser take; one codec, so no SFU ever transcodes.
     _prefer(video, "video", "video/VP8")
@@ -76,6 +82,14 @@ def publisher_peer(
     # at a steady quality serves every viewer.
     hold_video_bitrate(video.sender)
     return pc
+
+
+def _tracks(stream: AvatarStream | Tracks) -> Tracks:
+    return stream if isinstance(stream, tuple) else stream_tracks(stream)
+
+
+def _stream(stream: AvatarStream | Tracks) -> AvatarStream | None:
+    return None if isinstance(stream, tuple) else stream
 
 
 async def _wait_connected(pc: RTCPeerConnection, timeout: float, where: str) -> None:
@@ -105,7 +119,7 @@ class Publication:
     """A stream being sent to an SFU. ``ended`` is set when the connection goes away."""
 
     pc: RTCPeerConnection
-    stream: AvatarStream
+    stream: AvatarStream | None  # None: tracks fed by someone else (talkstream live)
     target: str
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
@@ -165,7 +179,7 @@ class WhipPublication(Publication):
 
 
 async def publish_to_janus(
-    stream: AvatarStream,
+    stream: AvatarStream | Tracks,
     url: str,
     room: int,
     *,
@@ -176,7 +190,8 @@ async def publish_to_janus(
     timeout: float = CONNECT_TIMEOUT_S,
     keepalive_s: float = janus.KEEPALIVE_S,
 ) -> JanusPublication:
-    """Publish ``stream`` into VideoRoom ``room`` of the Janus at ``url`` (``.../janus``).
+    """Publish ``stream`` (or a voice and face track) into VideoRoom ``room`` of the Janus at
+    ``url`` (``.../janus``).
 
     Creates the room if needed (``create_room``); returns once media flows (Janus's
     ``webrtcup``). The stream must be started by the caller. ``keepalive_s`` must stay under
@@ -188,7 +203,7 @@ async def publish_to_janus(
         handle = await session.attach(janus.VIDEOROOM)
         if create_room:
             await janus.ensure_room(handle, room)
-        pc = publisher_peer(stream, ice_servers)
+        pc = publisher_peer(_tracks(stream), ice_servers)
         await pc.setLocalDescription(await pc.createOffer())  # gathers every candidate
         feed, answer = await janus.publish(handle, room, pc.localDescription.sdp, display=display)
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
@@ -203,7 +218,9 @@ async def publish_to_janus(
             await pc.close()
         await session.close()
         raise
-    pub = JanusPublication(pc, stream, where, session=session, handle=handle, room=room, feed=feed)
+    pub = JanusPublication(
+        pc, _stream(stream), where, session=session, handle=handle, room=room, feed=feed
+    )
     pub._watch()
 
     async def watch_session() -> None:
@@ -215,7 +232,7 @@ async def publish_to_janus(
 
 
 async def publish_to_whip(
-    stream: AvatarStream,
+    stream: AvatarStream | Tracks,
     endpoint: str,
     *,
     token: str | None = None,
@@ -234,7 +251,7 @@ async def publish_to_whip(
     pc: RTCPeerConnection | None = None
     try:
         servers = list(ice_servers) if ice_servers is not None else await client.discover()
-        pc = publisher_peer(stream, servers)
+        pc = publisher_peer(_tracks(stream), servers)
         await pc.setLocalDescription(await pc.createOffer())
         answer = await client.publish(pc.localDescription.sdp)
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
@@ -246,7 +263,7 @@ async def publish_to_whip(
             await client.delete()
         await client.close()
         raise
-    pub = WhipPublication(pc, stream, endpoint, client=client)
+    pub = WhipPublication(pc, _stream(stream), endpoint, client=client)
     pub._watch()
     return pub
 
@@ -382,6 +399,7 @@ __all__ = [
     "publish_to_janus",
     "publish_to_whip",
     "publisher_peer",
+    "stream_tracks",
     "wait_for_feed",
     "watch_janus",
 ]

@@ -38,23 +38,19 @@ from fractions import Fraction
 from typing import Any, TypeVar
 
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame, AudioResampler, VideoFrame
 
 from talkstream.config import FPS
 from talkstream.errors import TalkstreamError
-from talkstream.publish import janus
 from talkstream.publish.publisher import (
     CONNECT_TIMEOUT_S,
     JanusPublication,
     PublishError,
     WhipPublication,
-    _prefer,
-    _rtc_ice_servers,
-    _wait_connected,
+    publish_to_janus,
+    publish_to_whip,
 )
-from talkstream.publish.whip import IceServer, WhipClient
 
 log = logging.getLogger(__name__)
 
@@ -193,93 +189,6 @@ class QueueTrack(MediaStreamTrack):
         return frame
 
 
-def _peer(
-    audio: MediaStreamTrack, video: MediaStreamTrack, ice: list[IceServer]
-) -> RTCPeerConnection:
-    """``publisher.publisher_peer``'s peer (Opus, VP8 at a held bitrate) for these tracks."""
-    from talkstream.streaming.sessions import hold_video_bitrate
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=_rtc_ice_servers(ice)))
-    a = pc.addTransceiver(audio, direction="sendonly")
-    v = pc.addTransceiver(video, direction="sendonly")
-    _prefer(a, "audio", "audio/opus")
-    _prefer(v, "video", "video/VP8")
-    hold_video_bitrate(v.sender)
-    return pc
-
-
-async def _publish_janus(
-    target: PublishTarget, audio: MediaStreamTrack, video: MediaStreamTrack, timeout: float
-) -> JanusPublication:
-    """``publisher.publish_to_janus`` with the sink's tracks (room created if missing)."""
-    assert target.janus is not None
-    url, room = target.janus, target.room
-    session = await janus.JanusSession.open(url)
-    pc: RTCPeerConnection | None = None
-    try:
-        handle = await session.attach(janus.VIDEOROOM)
-        await janus.ensure_room(handle, room)
-        pc = _peer(audio, video, [])
-        await pc.setLocalDescription(await pc.createOffer())
-        feed, answer = await janus.publish(
-            handle, room, pc.localDescription.sdp, display=target.display
-        )
-        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        await _wait_connected(pc, timeout, target.where)
-        try:
-            await asyncio.wait_for(handle.webrtc_up.wait(), timeout)
-        except TimeoutError:
-            raise PublishError(f"{target.where} never reported the publisher's media up") from None
-    except BaseException:
-        if pc is not None:
-            await pc.close()
-        await session.close()
-        raise
-    pub = JanusPublication(
-        pc,
-        None,  # type: ignore[arg-type]  # no AvatarStream: the live loop feeds the tracks
-        target.where,
-        session=session,
-        handle=handle,
-        room=room,
-        feed=feed,
-    )
-    pub._watch()
-
-    async def watch_session() -> None:
-        await handle.closed.wait()
-        pub._end(f"Janus hung up: {handle.hangup_reason or session.close_reason}")
-
-    pub.tasks.append(asyncio.create_task(watch_session()))
-    return pub
-
-
-async def _publish_whip(
-    target: PublishTarget, audio: MediaStreamTrack, video: MediaStreamTrack, timeout: float
-) -> WhipPublication:
-    """``publisher.publish_to_whip`` with the sink's tracks (ICE servers from ``Link``)."""
-    assert target.whip is not None
-    client = WhipClient(target.whip, token=target.token)
-    pc: RTCPeerConnection | None = None
-    try:
-        servers = await client.discover()
-        pc = _peer(audio, video, servers)
-        await pc.setLocalDescription(await pc.createOffer())
-        answer = await client.publish(pc.localDescription.sdp)
-        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        await _wait_connected(pc, timeout, target.where)
-    except BaseException:
-        if pc is not None:
-            await pc.close()
-        with contextlib.suppress(TalkstreamError):
-            await client.delete()
-        await client.close()
-        raise
-    pub = WhipPublication(pc, None, target.whip, client=client)  # type: ignore[arg-type]
-    pub._watch()
-    return pub
-
-
 class PublishSink:
     """A live output that publishes the avatar and the captured voice (see the module doc).
 
@@ -355,9 +264,18 @@ class PublishSink:
         with ice:
             pub: JanusPublication | WhipPublication
             if self.target.janus:
-                pub = await _publish_janus(self.target, audio, video, timeout)
+                pub = await publish_to_janus(
+                    (audio, video),
+                    self.target.janus,
+                    self.target.room,
+                    display=self.target.display,
+                    timeout=timeout,
+                )
             else:
-                pub = await _publish_whip(self.target, audio, video, timeout)
+                assert self.target.whip is not None
+                pub = await publish_to_whip(
+                    (audio, video), self.target.whip, token=self.target.token, timeout=timeout
+                )
         log.info("publishing to %s", self.target.where)
         return video, audio, pub
 

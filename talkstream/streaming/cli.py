@@ -42,8 +42,8 @@ def add_parser(
     p.add_argument(
         "--max-sessions",
         type=int,
-        default=None,
-        help="avatar streams rendering at once: live sessions + presenters (default: one per "
+        default=0,
+        help="avatar streams rendering at once: live sessions + presenters (default 0: one per "
         "CPU core on a CPU, 8 on a GPU)",
     )
     p.add_argument(

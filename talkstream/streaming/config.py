@@ -83,9 +83,9 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    # Avatar streams that render at once: live sessions plus presenters (503 beyond). None:
-    # what the device holds at 25 fps, see default_max_sessions.
-    max_sessions: int | None = None
+    # Avatar streams that render at once: live sessions plus presenters (503 beyond). 0: what
+    # the device holds at 25 fps, see default_max_sessions.
+    max_sessions: int = 0
     # Viewers of presenters, over all presenters (each costs a video encoder).
     max_viewers: int = 16
     # A live session with no input audio, or a presenter with neither pushes nor viewers, for
@@ -164,7 +164,7 @@ class ServeConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.max_sessions is None:
+        if self.max_sessions == 0:
             object.__setattr__(self, "max_sessions", default_max_sessions(self.engine.device))
         if self.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
