@@ -34,6 +34,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from talkstream.errors import TalkstreamError
 
@@ -269,6 +270,23 @@ class _Process:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def start(self, timeout: float = START_TIMEOUT_S) -> Self:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
 
 class LocalJanus(_Process):
     """Janus on loopback, configured in a temporary folder.
@@ -341,16 +359,6 @@ class LocalJanus(_Process):
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> LocalJanus:
-        return self.start()
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        e: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 def whip_server_dir() -> Path:
@@ -470,16 +478,6 @@ class LocalWhipServer(_Process):
         self.stop()
         self._tmp.cleanup()
 
-    def __enter__(self) -> LocalWhipServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        e: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 __all__ = [

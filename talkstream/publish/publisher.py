@@ -284,12 +284,10 @@ class ViewerStats:
     frame_size: tuple[int, int] | None = None
 
     def fps(self, last_s: float | None = None) -> float:
-        t = self.video_arrivals
-        if last_s is not None and t:
-            t = [x for x in t if x >= t[-1] - last_s]
-        if len(t) < 2:
-            return 0.0
-        return (len(t) - 1) / (t[-1] - t[0])
+        """Received video frames per second (over the last ``last_s`` seconds)."""
+        from talkstream.streaming.client import arrival_rate
+
+        return arrival_rate(self.video_arrivals, last_s)
 
 
 async def collect(

@@ -72,6 +72,16 @@ class SpeechTrack(MediaStreamTrack):
         return frame
 
 
+
+def arrival_rate(times: list[float], last_s: float | None = None) -> float:
+    """Events per second from their arrival times (over the last ``last_s`` seconds)."""
+    t = times
+    if last_s is not None and t:
+        t = [x for x in t if x >= t[-1] - last_s]
+    if len(t) < 2:
+        return 0.0
+    return (len(t) - 1) / (t[-1] - t[0])
+
 @dataclass
 class ReceivedMedia:
     """What a client received."""
@@ -86,12 +96,7 @@ class ReceivedMedia:
 
     def fps(self, last_s: float | None = None) -> float:
         """Received video frames per second (over the last ``last_s`` seconds)."""
-        t = self.video_arrivals
-        if last_s is not None and t:
-            t = [x for x in t if x >= t[-1] - last_s]
-        if len(t) < 2:
-            return 0.0
-        return (len(t) - 1) / (t[-1] - t[0])
+        return arrival_rate(self.video_arrivals, last_s)
 
 
 @dataclass
