@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -51,6 +52,7 @@ from talkstream.benchmarking.lipsync import (
     lagged_r,
     pearson,
     presented_stats,
+    resample_series,
 )
 
 TEXT = (
@@ -224,8 +226,6 @@ async def browser_run(
 def analyse_browser(
     raw: dict[str, Any], env_loop: np.ndarray, meter: MouthMeter, settle_s: float = 2.0
 ) -> dict[str, Any]:
-    from talkstream.benchmarking.lipsync import resample_series
-
     frames = raw["frames"]
     t = np.array([f[0] for f in frames], dtype=np.float64) / 1000
     keep = t >= t[0] + settle_s  # the encoder's quality ramp
@@ -266,6 +266,116 @@ def analyse_browser(
     return out
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_agent.py"
+SENTENCES = [x.strip() + "." for x in TEXT.split(".") if x.strip()]
+PIPECAT_WPM = 160  # EspeakTTSService's default rate
+
+
+def pipecat_speech(out: Path) -> tuple[np.ndarray, int]:
+    """The script as the example's EspeakTTSService says it: sentence by sentence (offline)."""
+    import soundfile
+
+    parts: list[np.ndarray] = []
+    rate = 22050
+    for i, text in enumerate(SENTENCES):
+        raw = out / f"sentence{i}.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", "en", "-s", str(PIPECAT_WPM), "-w", str(raw), text], check=True
+        )
+        x, rate = soundfile.read(raw, dtype="float32")
+        parts += [x, np.zeros(int(0.3 * rate), np.float32)]
+    return np.concatenate(parts), rate
+
+
+async def pipecat_run(seconds: float, chromium: str, tmp: Path) -> dict[str, Any]:
+    """The pipecat example agent (SmallWebRTC, espeak-ng TTS, TalkstreamVideoService) speaking
+    the script to headless Chromium; the page's own captures (voice level, grey face crops)."""
+    import importlib.util
+
+    from aiohttp import web
+    from playwright.async_api import async_playwright
+
+    from talkstream.benchmarking.browser import CHROMIUM_FLAGS
+    from talkstream.streaming.sdp import use_loopback_ice
+
+    spec = importlib.util.spec_from_file_location("pipecat_agent_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example
+    spec.loader.exec_module(example)
+    use_loopback_ice()
+    agent = example.Agent(example.AgentConfig(script=SENTENCES, words_per_minute=PIPECAT_WPM))
+    await agent.load()
+    runner = web.AppRunner(agent.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with async_playwright() as p:
+            ctx = await p.chromium.launch_persistent_context(
+                str(tmp / "profile-pipecat"),
+                executable_path=chromium,
+                headless=True,
+                args=CHROMIUM_FLAGS,
+            )
+            try:
+                page = ctx.pages[0] if ctx.pages else await ctx.new_page()
+                await page.goto(f"{url}/?autostart=1")
+                await page.wait_for_function(
+                    "window.ts && window.ts.state === 'connected'", timeout=60_000
+                )
+                await page.evaluate("ts.capture = true")
+                await asyncio.sleep(seconds)
+                got: dict[str, Any] = await page.evaluate(
+                    "(() => { ts.capture = false; return {presented: ts.presented,"
+                    " voice: ts.voice, faces: ts.faces, faceBox: ts.faceBox}; })()"
+                )
+            finally:
+                await ctx.close()
+    finally:
+        await runner.cleanup()
+        await agent.close()
+    return got
+
+
+def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
+    """dlib's mouth on the presented frames against the voice the page heard (best shift)."""
+    x0, y0, x1, y1 = raw["faceBox"]
+    t = np.array([f[0] for f in raw["faces"]], dtype=np.float64) / 1000
+    opening = np.array(
+        [
+            meter.opening(
+                np.repeat(
+                    np.frombuffer(base64.b64decode(b64), np.uint8).reshape(y1 - y0, x1 - x0)[
+                        :, :, None
+                    ],
+                    3,
+                    axis=2,
+                )
+            )
+            for _, b64 in raw["faces"]
+        ]
+    )
+    n = int((t[-1] - t[0]) * FPS)
+    grid = t[0] + np.arange(n) / FPS
+    mouth = resample_series(t, opening, grid)
+    voice = np.asarray(raw["voice"], dtype=np.float64).reshape(-1, 2)
+    best: tuple[float, int] | None = None
+    for shift_ms in range(-120, 521, 40):  # the voice may play a little after its frame
+        env = grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], t[0], n)
+        r = pearson(mouth, env)
+        if r is not None and (best is None or r > best[0]):
+            best = (r, shift_ms)
+    presented = np.asarray(raw["presented"], dtype=np.float64)
+    return {
+        "presented": presented_stats(list(presented), []),
+        "detected": round(float(np.isfinite(opening).mean()), 3),
+        "dlib_vs_voice_r": None if best is None else round(best[0], 3),
+        "voice_after_mouth_ms": None if best is None else best[1],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=25.0, help="speech and capture length (25)")
@@ -273,10 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", default="page,unmuted", help="comma list of: " + ",".join(VARIANTS)
     )
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants (1)")
+    ap.add_argument(
+        "--pipecat",
+        action="store_true",
+        help="also the pipecat path: examples/pipecat_agent.py (SmallWebRTC, espeak-ng TTS, "
+        "TalkstreamVideoService) to Chromium, against an offline render of the same speech",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-out/lipsync"))
     ap.add_argument("--backend", default="auto", help="engine backend, as serve's (auto)")
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
+    if variants == ["none"]:
+        variants = []
     if bad := [v for v in variants if v not in VARIANTS]:
         ap.error(f"unknown variant {bad[0]!r}: choose from {', '.join(VARIANTS)}")
     import soundfile
@@ -320,8 +438,19 @@ def main(argv: list[str] | None = None) -> int:
                     raw = asyncio.run(browser_run(url, wav, box, a.seconds, v, chromium, prof))
                     result.setdefault(v, []).append(analyse_browser(raw, env_loop, meter))
                     print(json.dumps(result[v][-1]), flush=True)
+        if a.pipecat:
+            px, prate = pipecat_speech(a.out)
+            print("offline render of the pipecat script ...", flush=True)
+            result["pipecat_offline"] = offline(engine, avatar, px, prate, meter)
     finally:
         engine.close()
+    if a.pipecat:
+        with tempfile.TemporaryDirectory() as tmp:
+            for rnd in range(a.repeats):
+                print(f"browser (pipecat, round {rnd + 1}) ...", flush=True)
+                raw = asyncio.run(pipecat_run(a.seconds, chromium, Path(tmp) / f"r{rnd}"))
+                result.setdefault("pipecat", []).append(analyse_pipecat(raw, meter))
+                print(json.dumps(result["pipecat"][-1]), flush=True)
     result["load_1min_end"] = os.getloadavg()[0]
     (a.out / "result.json").write_text(json.dumps(result, indent=2))
     summary = summarise(result, variants)
@@ -364,6 +493,19 @@ def summarise(result: dict[str, Any], variants: list[str]) -> str:
             f"{med('server_landmarks_vs_speech_r')} | {med('server_input_vs_speech_r')} | "
             f"{skipped} / {rendered} | {missing} |"
         )
+    if "pipecat" in result:
+        po, runs = result["pipecat_offline"], result["pipecat"]
+        lines += [
+            "",
+            "| pipecat path (the same script through TalkstreamVideoService) | mouth (dlib) vs "
+            "speech/voice r | voice after mouth | fps presented |",
+            "|---|---|---|---|",
+            f"| offline render of the script | {po['dlib_vs_speech_r']} | - | - |",
+            f"| examples/pipecat_agent.py -> SmallWebRTC -> Chromium ({len(runs)} runs) | "
+            f"{_median([r['dlib_vs_voice_r'] for r in runs])} | "
+            f"{_median([r['voice_after_mouth_ms'] for r in runs])} ms | "
+            f"{_median([r['presented'].get('fps') for r in runs])} |",
+        ]
     return "\n".join(lines) + "\n"
 
 

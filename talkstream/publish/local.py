@@ -360,7 +360,6 @@ class LocalJanus(_Process):
             self._tmp = None
 
 
-
 def whip_server_dir() -> Path:
     return Path(os.environ.get(WHIP_SERVER_DIR_ENV) or DEFAULT_WHIP_SERVER_DIR)
 
@@ -477,7 +476,6 @@ class LocalWhipServer(_Process):
     def cleanup(self) -> None:
         self.stop()
         self._tmp.cleanup()
-
 
 
 __all__ = [

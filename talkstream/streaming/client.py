@@ -72,7 +72,6 @@ class SpeechTrack(MediaStreamTrack):
         return frame
 
 
-
 def arrival_rate(times: list[float], last_s: float | None = None) -> float:
     """Events per second from their arrival times (over the last ``last_s`` seconds)."""
     t = times
@@ -81,6 +80,7 @@ def arrival_rate(times: list[float], last_s: float | None = None) -> float:
     if len(t) < 2:
         return 0.0
     return (len(t) - 1) / (t[-1] - t[0])
+
 
 @dataclass
 class ReceivedMedia:
