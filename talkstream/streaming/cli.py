@@ -42,8 +42,8 @@ def add_parser(
     p.add_argument(
         "--max-sessions",
         type=int,
-        default=0,
-        help="avatar streams rendering at once: live sessions + presenters (default 0: one per "
+        default=None,
+        help="avatar streams rendering at once: live sessions + presenters (default: one per "
         "CPU core on a CPU, 8 on a GPU)",
     )
     p.add_argument(
@@ -186,6 +186,15 @@ def _tokens(a: argparse.Namespace) -> tuple[str | None, str | None]:
     return viewer, control
 
 
+def _session_limit(value: int | None) -> int:
+    """``--max-sessions``: None is the device's default (``ServeConfig``'s 0), else >= 1."""
+    if value is None:
+        return 0
+    if value < 1:
+        raise ValueError(f"max_sessions must be >= 1, got {value}")
+    return value
+
+
 def _serve_config(
     a: argparse.Namespace,
     engine_config: Callable[[argparse.Namespace], EngineConfig],
@@ -202,7 +211,7 @@ def _serve_config(
         allowed_hosts=tuple(a.allow_host),
         connect_timeout_s=a.connect_timeout,
         port=a.port,
-        max_sessions=a.max_sessions,
+        max_sessions=_session_limit(a.max_sessions),
         max_viewers=a.max_viewers,
         idle_timeout_s=a.idle_timeout,
         image=a.image,
