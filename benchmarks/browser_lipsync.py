@@ -213,6 +213,7 @@ async def browser_run(
             await page.evaluate("window.__capOn = false")
             frames += await page.evaluate(TAKE_JS)
             probe = await page.evaluate("talkstream.probe.mic")
+            voice = await page.evaluate("talkstream.probe.voice")
             sid = urllib.parse.quote(str(await page.evaluate("talkstream.sessionId")))
             trace = (await page.evaluate(FETCH_JSON_JS, f"/sessions/{sid}/trace"))["body"]
             stats = (await page.evaluate(FETCH_JSON_JS, f"/sessions/{sid}/stats"))["body"]
@@ -220,7 +221,7 @@ async def browser_run(
                 await page.click("#stop", timeout=2_000)
         finally:
             await ctx.close()
-    return {"frames": frames, "mic": probe, "trace": trace, "stats": stats}
+    return {"frames": frames, "mic": probe, "voice": voice, "trace": trace, "stats": stats}
 
 
 def analyse_browser(
@@ -240,6 +241,9 @@ def analyse_browser(
     mic = np.asarray(raw["mic"], dtype=np.float64).reshape(-1, 2)
     mic_env = grid_mean(mic[:, 0] / 1000, mic[:, 1], tk[0], n)
     r_mic, _ = loop_r(mic_env, env_loop)
+    # The pipecat path's measure (no file to compare with there): against the voice the page
+    # played, best shift.
+    heard = voice_r(tk[0], n, mouth, np.asarray(raw["voice"], dtype=np.float64).reshape(-1, 2))
     trace = raw["trace"] or {}
     inp = np.asarray(trace.get("input", []), dtype=np.float64).reshape(-1, 2)
     mth = np.asarray(trace.get("mouth", []), dtype=np.float64).reshape(-1, 2)
@@ -248,6 +252,8 @@ def analyse_browser(
         "detected": round(float(np.isfinite(opening).mean()), 3),
         "dlib_vs_speech_r": None if r_seen is None else round(r_seen, 3),
         "mic_vs_speech_r": None if r_mic is None else round(r_mic, 3),
+        "dlib_vs_voice_r": heard[0],
+        "voice_after_mouth_ms": heard[1],
         "server": {
             k: (raw["stats"] or {}).get(k)
             for k in ("frames_rendered", "frames_skipped", "frames_repeated", "display_fps")
@@ -361,19 +367,28 @@ def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
     grid = t[0] + np.arange(n) / FPS
     mouth = resample_series(t, opening, grid)
     voice = np.asarray(raw["voice"], dtype=np.float64).reshape(-1, 2)
-    best: tuple[float, int] | None = None
-    for shift_ms in range(-120, 521, 40):  # the voice may play a little after its frame
-        env = grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], t[0], n)
-        r = pearson(mouth, env)
-        if r is not None and (best is None or r > best[0]):
-            best = (r, shift_ms)
+    r, shift = voice_r(t[0], n, mouth, voice)
     presented = np.asarray(raw["presented"], dtype=np.float64)
     return {
         "presented": presented_stats(list(presented), []),
         "detected": round(float(np.isfinite(opening).mean()), 3),
-        "dlib_vs_voice_r": None if best is None else round(best[0], 3),
-        "voice_after_mouth_ms": None if best is None else best[1],
+        "dlib_vs_voice_r": r,
+        "voice_after_mouth_ms": shift,
     }
+
+
+def voice_r(
+    t0: float, n: int, mouth: np.ndarray, voice: np.ndarray
+) -> tuple[float | None, int | None]:
+    """Best r of the mouth series (40 ms grid from ``t0``) against the level of the voice the
+    page played ((ms, rms) rows), over shifts of the voice of -120..+520 ms."""
+    best: tuple[float, int] | None = None
+    for shift_ms in range(-120, 521, 40):  # the voice may play a little after its frame
+        env = grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], t0, n)
+        r = pearson(mouth, env)
+        if r is not None and (best is None or r > best[0]):
+            best = (r, shift_ms)
+    return (None, None) if best is None else (round(best[0], 3), best[1])
 
 
 def main(argv: list[str] | None = None) -> int:
