@@ -293,7 +293,9 @@ def pipecat_speech(out: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(parts), rate
 
 
-async def pipecat_run(seconds: float, chromium: str, tmp: Path) -> dict[str, Any]:
+async def pipecat_run(
+    seconds: float, chromium: str, tmp: Path, backend: str | None = None
+) -> dict[str, Any]:
     """The pipecat example agent (SmallWebRTC, espeak-ng TTS, TalkstreamVideoService) speaking
     the script to headless Chromium; the page's own captures (voice level, grey face crops)."""
     import importlib.util
@@ -310,7 +312,10 @@ async def pipecat_run(seconds: float, chromium: str, tmp: Path) -> dict[str, Any
     sys.modules[spec.name] = example
     spec.loader.exec_module(example)
     use_loopback_ice()
-    agent = example.Agent(example.AgentConfig(script=SENTENCES, words_per_minute=PIPECAT_WPM))
+    options = {} if backend is None else {"backend": backend}
+    agent = example.Agent(
+        example.AgentConfig(script=SENTENCES, words_per_minute=PIPECAT_WPM, service_options=options)
+    )
     await agent.load()
     runner = web.AppRunner(agent.app())
     await runner.setup()

@@ -110,8 +110,9 @@ class _Span:
 def _engine_config(
     base: EngineConfig | None, options: dict[str, Any], cache_dir: Path | None
 ) -> EngineConfig:
-    """``base`` (default: what ``talkstream render`` uses with no flags) with the options given."""
-    cfg = base or EngineConfig(avatar=AvatarConfig(cache_dir=cache_dir))
+    """``base`` (default: what ``talkstream serve`` uses with no flags: the fastest available
+    backend, as for every live stream) with the options given."""
+    cfg = base or EngineConfig(backend="auto", avatar=AvatarConfig(cache_dir=cache_dir))
     top = {k: options[k] for k in ("preset", "checkpoint", "device", "dtype", "threads", "backend")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in top.items() if v is not None})
     if options["framing"] is not None or options["force"] is not None or cache_dir is not None:
