@@ -409,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also the pipecat path: examples/pipecat_agent.py (SmallWebRTC, espeak-ng TTS, "
         "TalkstreamVideoService) to Chromium, against an offline render of the same speech",
     )
+    ap.add_argument(
+        "--pipecat-backend",
+        default=None,
+        help="engine backend of the pipecat path (default: the service's own, auto)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-out/lipsync"))
     ap.add_argument("--backend", default="auto", help="engine backend, as serve's (auto)")
     a = ap.parse_args(argv)
@@ -468,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for rnd in range(a.repeats):
                 print(f"browser (pipecat, round {rnd + 1}) ...", flush=True)
-                raw = asyncio.run(pipecat_run(a.seconds, chromium, Path(tmp) / f"r{rnd}"))
+                raw = asyncio.run(
+                    pipecat_run(a.seconds, chromium, Path(tmp) / f"r{rnd}", a.pipecat_backend)
+                )
                 result.setdefault("pipecat", []).append(analyse_pipecat(raw, meter))
                 print(json.dumps(result["pipecat"][-1]), flush=True)
     result["load_1min_end"] = os.getloadavg()[0]
