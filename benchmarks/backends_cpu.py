@@ -7,8 +7,9 @@ Scenarios (one per backend, ``tiny`` preset, batch 1, fp32):
 
 - ``step``: what a frame costs in the networks: motion (one window) + the one-step sampler
   (one denoiser call), called through the backend exactly as ``Engine.render`` calls them;
-- ``frame``: ``Engine.render`` of one frame (motion, idle offsets, denoiser, paste-back into the
-  512x512 photo) plus the RGB -> I420 conversion the encoder needs.
+- ``frame``: ``Session.render_ready`` of one frame (``Engine.render``: motion, idle offsets,
+  denoiser; then the session's paste-back into the 512x512 photo) plus the RGB -> I420
+  conversion the encoder needs.
 
 Warm-up (export, session creation, compilation) is timed on its own and never mixed into the
 samples. Backends are timed round by round (A, B, A, B, ...) so that on a shared machine every
@@ -40,6 +41,7 @@ from talkstream.engine.checkpoint import Models
 from talkstream.engine.pipeline import Engine, Session
 from talkstream.export.backends import get_backend
 from talkstream.kernels.post import rgb_to_i420
+from talkstream.runtime import load_engine
 
 TARGET_SPEEDUP = 1.5
 TARGET_FRAME_MS = 30.0
@@ -109,14 +111,6 @@ def setup(sc: Scenario, cache_dir: Path) -> Bench:
     """Build the engine and the callables; start-up (export, compile) is timed here."""
     torch.set_num_threads(sc.threads)
     name, spin = _split_label(sc.backend)
-    if spin is not None:
-        # The engine passes no backend options through; this script sets the one it compares.
-        import functools
-
-        import talkstream.engine.pipeline as pipeline
-        from talkstream.export.backends import load_backend
-
-        pipeline.load_backend = functools.partial(load_backend, ort_spinning=spin)  # type: ignore[assignment]
     cfg = EngineConfig(
         preset=sc.preset,
         backend=name,
@@ -124,15 +118,17 @@ def setup(sc: Scenario, cache_dir: Path) -> Bench:
         avatar=AvatarConfig(cache_dir=cache_dir),
     )
     t0 = time.perf_counter()
-    engine = Engine(cfg, models=Models.random_init(sc.preset, seed=0))
+    # The config carries no onnxruntime spinning policy: the one this script compares.
+    extra = {} if spin is None else {"ort_spinning": spin}
+    engine = load_engine(cfg, Models.random_init(sc.preset, seed=0), **extra)
     avatar = prepare_avatar(default_image(), cfg.avatar, landmarks=default_landmarks())
-    prepared = engine.prepare(avatar)
+    features = engine.encode_avatar(avatar)
 
     # step: motion + one-step sampler through the backend, batch 1, as Engine.render calls them
     mc = engine.motion.cfg
     gen = torch.Generator().manual_seed(0)
     windows = torch.randn(1, mc.window, mc.mel_rows, mc.n_mels, generator=gen) * 3 - 6
-    neutral = torch.from_numpy(prepared.neutral)[None].float()  # (1, 68, 2)
+    neutral = torch.from_numpy(features.neutral)[None].float()  # (1, 68, 2)
     s = engine.crop_size
     noise = torch.randn(1, 3, s, s, generator=gen)
 
@@ -140,10 +136,10 @@ def setup(sc: Scenario, cache_dir: Path) -> Bench:
         with torch.inference_mode():
             disp = engine.backend.motion(windows, neutral, None)  # (1, 37, 2)
             target = engine.motion.apply_displacement(neutral, disp)  # (1, 68, 2)
-            engine.backend.sample(engine.sampler, noise, target, prepared.ref)
+            engine.backend.sample(engine.sampler, noise, target, features.ref)
 
-    # frame: Engine.render of one frame + I420, as a live session does
-    session = Session(engine, prepared, seed=0, max_batch=1)
+    # frame: one frame rendered and pasted (Session.render_ready) + I420, as a live session does
+    session = Session(engine, avatar, seed=0, max_batch=1)
     session.push_audio(_speech(sc.iters + sc.warmup + 2), 16000)
     i420 = np.empty((avatar.image.shape[0] * 3 // 2, avatar.image.shape[1]), np.uint8)
 

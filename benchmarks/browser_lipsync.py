@@ -424,11 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variant {bad[0]!r}: choose from {', '.join(VARIANTS)}")
     import soundfile
 
-    from talkstream.benchmarking.browser import find_chromium, serve_in_background
+    from talkstream.benchmarking.browser import find_chromium
+    from talkstream.benchmarking.local import serve_in_background
     from talkstream.config import EngineConfig
-    from talkstream.engine.pipeline import Engine
+    from talkstream.runtime import load_engine
     from talkstream.streaming.config import ServeConfig
-    from talkstream.streaming.server import load_avatar, warm_up
+    from talkstream.streaming.server import load_avatar
 
     chromium = find_chromium()
     if chromium is None:
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     x, rate = soundfile.read(wav, dtype="float32")
     env_loop = envelope(x, rate)
     meter = MouthMeter()
-    engine = Engine(EngineConfig(backend=a.backend))
+    engine = load_engine(EngineConfig(backend=a.backend))
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -447,9 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": a.seconds,
     }
     try:
-        avatar = load_avatar(ServeConfig(engine=engine.cfg), engine.crop_size)
-        engine.prepare(avatar)
-        warm_up(engine, avatar)
+        avatar = load_avatar(ServeConfig(), engine)
+        engine.encode_avatar(avatar)
+        engine.warmup(avatar)
         print("offline render ...", flush=True)
         result["offline"] = offline(engine, avatar, x, rate, meter)
         print(json.dumps(result["offline"]), flush=True)

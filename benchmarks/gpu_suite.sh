@@ -7,9 +7,14 @@
 # bench-out/gpu-<date>):
 #   env/          nvidia-smi, library versions, which optional modules are present
 #   kernels/      pytest -m gpu (kernel checks at real sizes) and any benchmarks/kernel*.py
+#   paths/        benchmarks/gpu_paths.py: the GPU post stage (CuPy and torch paste-back, I420
+#                 on the GPU, frames on the device until the planes' copy) and the batched and
+#                 compiled (and TensorRT) paths at batch 1, 8 and 32, recompiles counted
 #   tiny-eager/ base-eager/        talkstream bench on cuda, torch eager: bf16 vs fp32, custom
-#                                  ops vs reference kernels, 2 steps, batched sessions,
-#                                  end-to-end latency, sessions per GPU
+#                                  ops vs reference kernels, 2 steps, batched sessions (1, 8,
+#                                  32 sessions in one render call), end-to-end latency,
+#                                  sessions per GPU; every frame through the GPU post stage
+#                                  and VP8 as serve sends it
 #   tiny-backends/ base-backends/  compiled, onnxruntime, tensorrt side by side
 #   anchors/      MuseTalk- and Wav2Lip-equivalents against ours, fp16, same run
 #   summary.md    the short table printed last
@@ -34,6 +39,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 STATUS="$OUT_DIR/status.txt"
 : >"$STATUS"
+# The whole call stays under the device tool's 10 minutes: every part's limit is cut to what
+# is left of SUITE_S, less a reserve for the summary.
+SUITE_S=${SUITE_S:-570}
+RESERVE_S=20
 
 note() { echo "== $*" | tee -a "$STATUS"; }
 BENCH=("$PY" -m talkstream.cli bench)
@@ -41,9 +50,14 @@ BENCH=("$PY" -m talkstream.cli bench)
 part() {
   local name=$1 limit=$2
   shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$((SUITE_S - RESERVE_S - SECONDS))
+  ((limit > left)) && limit=$left
   mkdir -p "$(dirname "$OUT_DIR/$name")"
-  timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  if ((limit < 10)); then
+    note "$name: skipped: out of time (suite budget ${SUITE_S} s)"
+    return 0
+  fi
+  timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
   local rc=$?
   note "$name: exit $rc after $((SECONDS - t0)) s (log: $name.log)"
   tail -n 3 "$OUT_DIR/$name.log" | sed 's/^/   /'
@@ -51,8 +65,8 @@ part() {
 }
 
 # -- 1. environment ----------------------------------------------------------------------------
-# Each part below runs under a time limit (LIMIT, 70 s; kernel scripts 60 s): the whole suite
-# stays under the device tool's 10 minutes per call.
+# Each part below runs under a time limit (LIMIT, 60 s; kernel parts 45-50 s; paths 130 s), and
+# never past what is left of SUITE_S: the whole suite stays under the device tool's 10 minutes.
 DEVICE=cuda
 if ! nvidia-smi >"$OUT_DIR/env/nvidia-smi.txt" 2>&1; then
   if [[ ${ALLOW_CPU:-0} == 1 ]]; then
@@ -99,9 +113,9 @@ PLOTS=()
 }
 "$PY" -c "import diffusers" 2>/dev/null || note "diffusers missing: the MuseTalk anchor is skipped"
 ENCODE=()
-"$PY" -c "import av" 2>/dev/null || {
+"$PY" -c "import av, aiortc.codecs.vpx" 2>/dev/null || {
   ENCODE=(--no-encode)
-  note "PyAV missing: no libx264 encode stage"
+  note "PyAV or aiortc missing: no VP8 encode stage (serve's encoder)"
 }
 
 if [[ ${QUICK:-0} == 1 ]]; then
@@ -110,13 +124,17 @@ if [[ ${QUICK:-0} == 1 ]]; then
   ANCHOR_ITERS=1
   SESSIONS="2"
   LIMIT=120
+  PATHS=(--iters 1 --batches 1,8)
 else
   ITERS=(--iters 40 --warmup 10)
   STREAM=(--e2e-seconds 4 --max-sessions 512 --confirm-seconds 2)
   ANCHOR_ITERS=20
   SESSIONS="8 32"
-  LIMIT=70
+  LIMIT=60
+  PATHS=(--iters 10 --batches 1,8,32)
 fi
+KLIMIT=$((LIMIT < 50 ? LIMIT : 50))
+PLIMIT=130
 # The low precision of the eager runs; the CPU test run keeps float32 for everything (CPU
 # half-precision convolutions are slow and say nothing about the GPU).
 LOW=bfloat16
@@ -125,7 +143,7 @@ LOW=bfloat16
 # -- 2. kernels --------------------------------------------------------------------------------
 if "$PY" -c "import pytest" 2>/dev/null; then
   # Exit 5 means no test carries the gpu marker (yet): recorded, not an error.
-  part kernels/pytest-gpu "$LIMIT" "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests
+  part kernels/pytest-gpu "$KLIMIT" "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" tests
 else
   note "kernels: pytest is not installed here; kernel checks skipped"
 fi
@@ -135,11 +153,17 @@ for f in benchmarks/kernel*.py benchmarks/bench_kernels*.py; do
   args=()
   # Scripts that can write JSON (benchmarks/kernels_gpu.py: --json) keep it with the results.
   grep -q -- '"--json"' "$f" && args=(--json "$OUT_DIR/kernels/$name.json")
-  part "kernels/$name" 60 "$PY" "$f" "${args[@]}"
+  part "kernels/$name" 45 "$PY" "$f" "${args[@]}"
 done
 shopt -u nullglob
 
-# -- 3. the engine -----------------------------------------------------------------------------
+# -- 3. the GPU paths --------------------------------------------------------------------------
+# The GPU post stage, and torch / compiled / TensorRT at batch 1, 8 and 32 in one process (GPU-
+# only parts report "skipped: no CUDA" on the CPU). Stops starting new work 15 s before its limit.
+part paths/gpu-paths "$PLIMIT" "$PY" benchmarks/gpu_paths.py --device "$DEVICE" \
+  --out "$OUT_DIR/paths" --deadline-s $((PLIMIT - 15)) "${PATHS[@]}"
+
+# -- 4. the engine -----------------------------------------------------------------------------
 # Two runs per preset, each its own part (a slow backend build must not cost the eager numbers):
 #   eager:    torch in LOW and fp32, custom ops vs reference kernels, 2 steps, batched sessions;
 #             the first scenario also drives end-to-end latency and sessions per GPU
@@ -182,14 +206,14 @@ for preset in tiny base; do
   done
 done
 
-# -- 4. anchors --------------------------------------------------------------------------------
+# -- 5. anchors --------------------------------------------------------------------------------
 ADTYPE=float16
 [[ $DEVICE == cpu ]] && ADTYPE=float32
 part anchors/bench "$LIMIT" "${BENCH[@]}" --device "$DEVICE" --dtype "$ADTYPE" --anchors \
   --anchor-iters "$ANCHOR_ITERS" --sessions 1 "${ITERS[@]}" "${ENCODE[@]}" --e2e-seconds 0 \
   --no-throughput "${PLOTS[@]}" --out "$OUT_DIR/anchors"
 
-# -- 5. summary, printed last --------------------------------------------------------------------
+# -- 6. summary, printed last --------------------------------------------------------------------
 {
   echo "# GPU suite $(date -Iseconds)"
   echo
@@ -198,7 +222,10 @@ part anchors/bench "$LIMIT" "${BENCH[@]}" --device "$DEVICE" --dtype "$ADTYPE" -
   echo
   "${BENCH[@]}" --summarize "$OUT_DIR"
   echo
+  cat "$OUT_DIR/paths/gpu_paths.md" 2>/dev/null || echo "gpu paths: no result (see paths/)"
+  echo
   cat "$STATUS"
+  echo "suite: $SECONDS s in all (budget $SUITE_S s)"
 } >"$OUT_DIR/summary.md"
 echo
 cat "$OUT_DIR/summary.md"

@@ -412,16 +412,15 @@ async def _capacity(counts: list[int], seconds: float, speech: bytes) -> list[di
 
     from talkstream.config import AvatarConfig, EngineConfig, IdleConfig
     from talkstream.engine.avatar import load_avatar_source, prepare_avatar_source
-    from talkstream.engine.pipeline import Engine
     from talkstream.publish.local import LocalJanus, local_ice_address, use_local_ice
     from talkstream.publish.publisher import publish_to_janus
+    from talkstream.runtime import load_engine
     from talkstream.streaming.config import StreamConfig
-    from talkstream.streaming.server import warm_up
     from talkstream.streaming.tracks import AvatarStream
 
     pcm, rate = soundfile.read(io.BytesIO(speech), dtype="float32")
     acfg = AvatarConfig()
-    engine = Engine(EngineConfig(idle=IdleConfig(enabled=False), backend="auto"))
+    engine = load_engine(EngineConfig(idle=IdleConfig(enabled=False), backend="auto"))
     out = []
     try:
         import dataclasses
@@ -430,8 +429,8 @@ async def _capacity(counts: list[int], seconds: float, speech: bytes) -> list[di
             load_avatar_source(None, None, acfg),
             dataclasses.replace(acfg, crop_size=engine.crop_size),
         )
-        engine.prepare(avatar)
-        warm_up(engine, avatar)
+        engine.encode_avatar(avatar)
+        engine.warmup(avatar)
         with LocalJanus() as j, use_local_ice(local_ice_address() or "127.0.0.1"):
             for k in counts:
                 streams = [

@@ -107,7 +107,7 @@ class Server:
     def __init__(self, scenario: Scenario) -> None:
         from aiohttp import web
 
-        from talkstream.benchmarking.browser import local_engine
+        from talkstream.benchmarking.local import local_engine
         from talkstream.config import EngineConfig
         from talkstream.streaming.config import ServeConfig
         from talkstream.streaming.sdp import use_loopback_ice
@@ -117,18 +117,15 @@ class Server:
             create_app,
             load_avatar,
             make_runner,
-            warm_up,
         )
 
         use_loopback_ice()
         quiet_client_protocol_errors()
         self.engine = local_engine(EngineConfig(preset=scenario.preset, backend=scenario.backend))
-        cfg = ServeConfig(
-            port=0, ice_loopback_only=True, max_sessions=scenario.sessions, engine=self.engine.cfg
-        )
-        avatar = load_avatar(cfg, self.engine.crop_size)
-        self.engine.prepare(avatar)
-        warm_up(self.engine, avatar)
+        cfg = ServeConfig(port=0, ice_loopback_only=True, max_sessions=scenario.sessions)
+        avatar = load_avatar(cfg, self.engine)
+        self.engine.encode_avatar(avatar)
+        self.engine.warmup(avatar)
         self.app = create_app(cfg, self.engine, avatar)
         self.manager = self.app[MANAGER_KEY]
         self.loop = asyncio.new_event_loop()

@@ -8,10 +8,10 @@ glass-to-glass harness, for any talkstream server; this script shares its Chromi
 onset detection, and adds the A/V drift over a long session and the concurrency scenario.
 
 Scenario 1 (browser): the server runs in this process on loopback; headless Chromium (driven by
-playwright, DESIGN.md's flags) opens the web client with ``?probe=1``. Its fake microphone loops
-an espeak-ng sentence followed by silence. The page records, on one clock (performance.now()),
-the level of its microphone and of the avatar's voice every 5 ms, and the change of the mouth
-region in every presented video frame. The server's trace gives, in media time (its timeline),
+playwright, the harness's CHROMIUM_FLAGS) opens the web client with ``?probe=1``. Its fake
+microphone loops an espeak-ng sentence followed by silence. The page records, on one clock
+(performance.now()), the level of its microphone and of the avatar's voice every 5 ms, and the
+change of the mouth region in every presented video frame. The server's trace gives, in media time (its timeline),
 the speech level and the landmark motion of every rendered frame. Burst by burst, onsets map
 media time to the browser's clock: speech onsets for the microphone and for the avatar's voice,
 onsets of motion after stillness for the video. Matching the video on motion (not speech)
@@ -138,10 +138,8 @@ def make_wav(tmp: Path) -> Path:
 def build_engine(args: argparse.Namespace) -> Any:
     import torch
 
+    from talkstream.benchmarking.local import local_engine, random_engine
     from talkstream.config import EngineConfig, IdleConfig
-    from talkstream.engine.checkpoint import Models
-    from talkstream.engine.denoiser import LandmarkCrossAttention
-    from talkstream.engine.pipeline import Engine
 
     torch.set_num_threads(args.threads)
     cfg = EngineConfig(
@@ -152,17 +150,10 @@ def build_engine(args: argparse.Namespace) -> Any:
         backend=args.backend,
     )
     if args.checkpoint is not None:
-        return Engine(cfg)
-    models = Models.random_init("tiny", seed=0)
-    # Random weights barely let the landmarks into the image; the browser would see a mouth that
-    # hardly moves. Amplify the landmark cross-attention (see tests/test_browser.py).
-    with torch.no_grad():
-        for mod in models.denoiser.modules():
-            if isinstance(mod, LandmarkCrossAttention):
-                assert mod.proj.bias is not None
-                mod.proj.weight.mul_(args.landmark_gain)
-                mod.proj.bias.mul_(args.landmark_gain)
-    return Engine(cfg, models=models)
+        return local_engine(cfg)
+    # Random weights barely let the landmarks into the image: the landmark gain lets the
+    # browser see the mouth move (see talkstream.benchmarking.local).
+    return random_engine(cfg, landmark_gain=args.landmark_gain)
 
 
 def stream_config(args: argparse.Namespace) -> Any:
@@ -176,23 +167,10 @@ def stream_config(args: argparse.Namespace) -> Any:
 
 @contextlib.asynccontextmanager
 async def server(engine: Any, avatar: Any, **overrides: Any) -> AsyncIterator[tuple[str, Any]]:
-    from aiohttp import web
+    from talkstream.benchmarking.local import start_server
 
-    from talkstream.streaming.config import ServeConfig
-    from talkstream.streaming.sdp import use_loopback_ice
-    from talkstream.streaming.server import MANAGER_KEY, create_app
-
-    use_loopback_ice()
-    cfg = ServeConfig(port=0, ice_loopback_only=True, **overrides)
-    app = create_app(cfg, engine, avatar)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app[MANAGER_KEY]
-    finally:
-        await runner.cleanup()
+    async with start_server(engine, avatar, **overrides) as srv:
+        yield srv.url, srv.manager
 
 
 def vp8_encode_ms(image: np.ndarray, frames: int = 50) -> float:
@@ -669,7 +647,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from talkstream.config import AvatarConfig
     from talkstream.engine.avatar import default_image, default_landmarks, prepare_avatar
-    from talkstream.streaming.server import warm_up
 
     engine = build_engine(args)
     avatar = prepare_avatar(
@@ -677,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         AvatarConfig(framing=args.framing, frame_size=args.frame_size),
         landmarks=default_landmarks(),
     )
-    warm_up(engine, avatar)
+    engine.warmup(avatar)
     rep = Report(
         machine=f"{platform.machine()} CPU, {os.cpu_count()} cores",
         date=time.strftime("%Y-%m-%d"),

@@ -23,6 +23,7 @@ from talkstream import __version__
 from talkstream.config import (
     FRAMINGS,
     AvatarConfig,
+    Config,
     EngineConfig,
     IdleConfig,
     RenderConfig,
@@ -270,17 +271,21 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
 
 def _cmd_render(a: argparse.Namespace) -> int:
     from talkstream.engine.render import render_to_file
+    from talkstream.runtime import load_engine
 
-    cfg = RenderConfig(
-        out=a.out,
-        image=a.image,
-        audio=a.audio,
-        landmarks=a.landmarks,
-        crf=a.crf,
-        progress=not a.no_progress,
+    # The config tree, built once: the engine section and this command's render section.
+    cfg = Config(
         engine=_engine_config(a),
+        render=RenderConfig(
+            out=a.out,
+            image=a.image,
+            audio=a.audio,
+            landmarks=a.landmarks,
+            crf=a.crf,
+            progress=not a.no_progress,
+        ),
     )
-    res = render_to_file(cfg)
+    res = render_to_file(cfg, load_engine)
     note = " (random weights: no trained checkpoint)" if res.random_init else ""
     print(
         f"wrote {res.out}: {res.frames} frames, {res.audio_duration_s:.2f} s of audio, "

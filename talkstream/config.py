@@ -1,17 +1,32 @@
-"""The one config tree.
+"""The one config tree: :class:`Config`, its engine section and the engine's sub-sections.
 
-Built once at the entry point (the CLI, a server, a test) and passed down; no module below reads
-argv or environment variables. Network architectures have their own config dataclasses beside
-their code (``engine/motion.py``, ``engine/denoiser.py``); this tree holds everything else and
-names the preset.
+Built once at the entry point (the CLI, a server, a test) and passed down as its sections; no
+module below reads argv or environment variables. The command sections (serve, live, train,
+bench...) are defined beside the code that uses them and held here by :class:`Config`.
+Network architectures have their own config dataclasses beside their code
+(``engine/motion.py``, ``engine/denoiser.py``), stored in checkpoints; the engine section
+names the preset. Every section reads from and writes to dicts through one loader,
+:mod:`talkstream._config_io`.
 
 Media constants carry their units in their names.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from talkstream import _config_io
+
+if TYPE_CHECKING:  # the sections of higher layers; see Config._config_types
+    from talkstream.benchmarking.scenario import Scenario
+    from talkstream.integrations.livekit.worker import WorkerConfig
+    from talkstream.publish.cli import PublishConfig
+    from talkstream.streaming.config import ServeConfig
+    from talkstream.streaming.live import LiveConfig
+    from talkstream.training.config import TrainConfig
 
 SAMPLE_RATE_HZ = 16_000
 HOP_SAMPLES = 200  # 12.5 ms: 80 mel frames per second
@@ -148,8 +163,12 @@ class EngineConfig:
     # Runs motion + denoiser: torch, compiled, onnxruntime, tensorrt or auto (the fastest
     # available; see talkstream.export.backends).
     backend: str = "torch"
-    # Most frames one batched engine call renders. Concurrent streams' due frames are coalesced
-    # into one call (``Engine.submit``); this bounds how long a call can keep the worker.
+    # The engine's one batch limit: most frames one batched engine call renders, over all
+    # streams. Concurrent streams' due frames are coalesced into one call (``Engine.submit``);
+    # this bounds how long a call can keep the worker, and every backend is built for batches
+    # up to it (``LoadOptions.from_config``: TensorRT profiles, compiled buckets). How many
+    # frames ONE stream claims per call is the stream's own, smaller limit
+    # (``StreamConfig.frames_per_call``).
     max_batch_frames: int = 32
     # TensorRT engines: "fp16" (fp16 graph types on TensorRT 11, the FP16 flag on 10) or "fp32".
     tensorrt_precision: str = "fp16"
@@ -174,4 +193,70 @@ class RenderConfig:
     crf: int = 20
     chunk_ms: int = 20  # how the audio is fed to the session, as a live source would
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The root of the config tree: one per run, built by the entry point, passed down as its
+    sections.
+
+    ``engine`` is the one engine section every command shares; each command fills only the
+    sections it uses (``talkstream serve`` the ``serve`` section, ``talkstream train`` the
+    ``train`` one) and leaves the others None. A section's class lives beside the code that
+    uses it; this module names them lazily (see ``_config_types``), so that the layers stay
+    one-way: nothing here imports streaming, training or benchmarking at import time.
+
+    ``Config.from_dict`` / ``to_dict`` / ``with_overrides`` read and write the whole tree
+    (``talkstream._config_io``: unknown keys and wrong types are named by their dotted key).
+    """
+
     engine: EngineConfig = field(default_factory=EngineConfig)
+    render: RenderConfig | None = None  # talkstream render
+    serve: ServeConfig | None = None  # talkstream serve (streaming/config.py), its .stream
+    live: LiveConfig | None = None  # talkstream live (streaming/live.py)
+    publish: PublishConfig | None = None  # talkstream publish (publish/cli.py)
+    livekit: WorkerConfig | None = None  # talkstream-livekit (integrations/livekit/worker.py)
+    train: TrainConfig | None = None  # talkstream train / enroll (training/config.py)
+    bench: tuple[Scenario, ...] = ()  # talkstream bench (benchmarking/scenario.py)
+
+    @classmethod
+    def _config_types(cls) -> dict[str, Any]:
+        """The section classes the annotations name, imported when a tree is read from a dict.
+
+        A section whose module cannot be imported here (an optional extra that is not
+        installed) is read as a plain dict.
+        """
+        names = {
+            "ServeConfig": "talkstream.streaming.config",
+            "LiveConfig": "talkstream.streaming.live",
+            "PublishConfig": "talkstream.publish.cli",
+            "WorkerConfig": "talkstream.integrations.livekit.worker",
+            "TrainConfig": "talkstream.training.config",
+            "Scenario": "talkstream.benchmarking.scenario",
+        }
+        out: dict[str, Any] = {}
+        for name, module in names.items():
+            try:
+                out[name] = getattr(importlib.import_module(module), name)
+            except ImportError:
+                out[name] = dict
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """The tree from nested dicts (a JSON/TOML file); missing keys keep their defaults.
+
+        Raises:
+            ValueError: unknown keys or wrong types (named by their dotted key), or what a
+                section's own checks refuse.
+        """
+        return _config_io.from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dict; ``Config.from_dict(c.to_dict()) == c``."""
+        return _config_io.to_dict(self)
+
+    def with_overrides(self, overrides: list[str]) -> Config:
+        """This tree with ``section.key=value`` strings applied (``--set engine.device=cuda``;
+        the value parsed as JSON, else taken as a string)."""
+        return _config_io.apply_overrides(self, overrides)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from talkstream.benchmarking.local import random_engine
 from talkstream.config import AvatarConfig, EngineConfig
 from talkstream.engine.avatar import Avatar, default_image, default_landmarks, prepare_avatar
-from talkstream.engine.checkpoint import Models
 from talkstream.engine.pipeline import Engine
 
 
@@ -30,7 +30,7 @@ def default_avatar() -> Avatar:
 
 @pytest.fixture(scope="session")
 def tiny_engine() -> Iterator[Engine]:
-    eng = Engine(EngineConfig(preset="tiny"), models=Models.random_init("tiny", seed=0))
+    eng = random_engine(EngineConfig(preset="tiny"), seed=0)  # the benchmarks' own builder
     yield eng
     eng.close()
 

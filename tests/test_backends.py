@@ -8,7 +8,9 @@ tests skip with that reason; its profiles, cache key and plugin descriptors are 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-import talkstream.export.backends as backends
 from talkstream.config import AudioConfig, AvatarConfig, EngineConfig, SamplerConfig
 from talkstream.engine.avatar import Avatar, default_image, default_landmarks, prepare_avatar
 from talkstream.engine.checkpoint import Models
@@ -33,6 +34,8 @@ from talkstream.export.backends import (
     load_backend,
     select_backend,
 )
+from talkstream.export.common import bucket, pad_batch
+from talkstream.runtime import load_engine
 from tests.conftest import speechlike
 
 HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
@@ -72,14 +75,27 @@ def micro_models(seed: int = 0) -> Models:
     )
 
 
-@pytest.fixture(scope="module")
-def micro() -> Models:
+def live_micro_models() -> Models:
+    """``micro_models`` whose every denoiser weight has a value: zero-initialised heads would
+    make the flows and the pixel warp trivial (sampling in place), so a backend that got them
+    wrong would still match eager."""
     models = micro_models()
-    # Zero-initialised heads would make flows and attention trivial: give every weight a value.
     with torch.no_grad():
         for p in models.denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return models
+
+
+@pytest.fixture(scope="module")
+def micro() -> Models:
+    return live_micro_models()
+
+
+@pytest.fixture(scope="module")
+def micro_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for the micro graphs of this module: exported once (the first
+    onnxruntime test), then found by the others."""
+    return tmp_path_factory.mktemp("micro-cache")
 
 
 def _inputs(models: Models, batch: int, seed: int = 0) -> dict[str, Any]:
@@ -115,11 +131,16 @@ def test_torch_backend_is_the_eager_modules(micro: Models) -> None:
 
 
 @needs_ort
-def test_onnxruntime_matches_eager(micro: Models, tmp_path: Path) -> None:
+def test_onnxruntime_matches_eager(micro: Models, micro_cache: Path) -> None:
     sampler = FewStepSampler.from_config(SamplerConfig(steps=2))  # the loop graph, two steps
     said: list[str] = []
     loaded = get_backend("onnxruntime").load(
-        micro, "cpu", cache_dir=tmp_path, sampler=sampler, lookaheads=(0, 2), progress=said.append
+        micro,
+        "cpu",
+        cache_dir=micro_cache,
+        sampler=sampler,
+        lookaheads=(0, 2),
+        progress=said.append,
     )
     assert any("exporting motion_la0" in m for m in said)
     try:
@@ -152,29 +173,52 @@ def test_onnxruntime_matches_eager(micro: Models, tmp_path: Path) -> None:
     # A second load of the same models finds every graph in the cache.
     said.clear()
     again = get_backend("onnxruntime").load(
-        micro, "cpu", cache_dir=tmp_path, sampler=sampler, lookaheads=(0, 2), progress=said.append
+        micro,
+        "cpu",
+        cache_dir=micro_cache,
+        sampler=sampler,
+        lookaheads=(0, 2),
+        progress=said.append,
     )
     again.close()
     assert said and all(m.startswith("cached") for m in said)
 
 
-def test_onnxruntime_spinning_policies(micro: Models, tmp_path: Path) -> None:
+def test_onnxruntime_spinning_policies(micro: Models, micro_cache: Path) -> None:
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (extra: export)")
     x = _inputs(micro, 2, seed=5)
     outs = []
-    for spin in ("run", "off", "on"):
+    # What each policy sets in every session (onnxruntime's config keys; None: not set).
+    allow_and_stop = {"run": ("1", "1"), "off": ("0", None), "on": ("1", None)}
+
+    def entry(opts: Any, key: str) -> str | None:
+        try:
+            return str(opts.get_session_config_entry(key))
+        except RuntimeError:  # onnxruntime: "does not have configuration with key"
+            return None
+
+    for spin, want in allow_and_stop.items():
         loaded = get_backend("onnxruntime").load(
-            micro, "cpu", cache_dir=tmp_path, ort_spinning=spin
+            micro, "cpu", cache_dir=micro_cache, ort_spinning=spin
         )
         try:
             with torch.inference_mode():
                 outs.append(loaded.denoiser(x["x_t"], x["t"], x["landmarks"], x["ref"]))
+            sessions = [sess for sess, _ in loaded._sessions.values()]  # type: ignore[attr-defined]
+            assert len(sessions) == 2  # the motion graph's and the denoiser step's
+            for sess in sessions:
+                opts = sess.get_session_options()
+                got = (
+                    entry(opts, "session.intra_op.allow_spinning"),
+                    entry(opts, "session.force_spinning_stop"),
+                )
+                assert got == want, (spin, got)
         finally:
             loaded.close()
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="ort_spinning"):
-        get_backend("onnxruntime").load(micro, "cpu", cache_dir=tmp_path, ort_spinning="fast")
+        get_backend("onnxruntime").load(micro, "cpu", cache_dir=micro_cache, ort_spinning="fast")
 
 
 def test_compiled_backend_matches_eager_on_cpu(micro: Models) -> None:
@@ -195,9 +239,9 @@ def test_compiled_backend_matches_eager_on_cpu(micro: Models) -> None:
 
 
 def test_batch_buckets() -> None:
-    assert [backends._bucket(n, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+    assert [bucket(n, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
     t = torch.arange(6.0).view(3, 2)
-    padded = backends._pad_batch(t, 4)
+    padded = pad_batch(t, 4)
     assert padded.shape == (4, 2) and torch.equal(padded[3], t[2])
 
 
@@ -205,7 +249,9 @@ def test_batch_buckets() -> None:
 def test_engine_renders_the_same_frames_with_onnxruntime(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    # The real tiny preset end to end: Engine -> backend.motion / backend.sample -> paste-back.
+    # The shipped tiny model end to end: Engine -> backend.motion / backend.sample ->
+    # paste-back. Trained weights, so the warps sample off the pixel grid (at random init every
+    # flow is zero and the output is mostly the photo, whatever the backend does).
     avatar = prepare_avatar(default_image(), AvatarConfig(), landmarks=default_landmarks())
     audio = speechlike(6000)
     # The export tests' cache: same weights and versions, so the graphs are found there.
@@ -213,7 +259,8 @@ def test_engine_renders_the_same_frames_with_onnxruntime(
     frames = {}
     for name in ("torch", "onnxruntime"):
         cfg = EngineConfig(backend=name, avatar=AvatarConfig(cache_dir=shared))
-        with Engine(cfg, models=Models.random_init("tiny", seed=0)) as eng:
+        with load_engine(cfg) as eng:
+            assert not eng.models.meta.get("random_init"), "the shipped checkpoint is missing"
             assert eng.backend.name == name
             frames[name] = _render(eng, avatar, audio)
     assert len(frames["torch"]) == len(frames["onnxruntime"]) == 10
@@ -235,6 +282,31 @@ def _render(eng: Engine, avatar: Avatar, audio: np.ndarray) -> list[Any]:
 def test_engine_config_backend_defaults_to_torch(tiny_engine: Engine) -> None:
     assert EngineConfig().backend == "torch"
     assert tiny_engine.backend.name == "torch"
+
+
+def test_the_config_reaches_the_backend(micro: Models, tmp_path: Path) -> None:
+    # load_engine builds the backend's options from the config alone (LoadOptions.from_config):
+    # the coalescing limit, the TensorRT precision, the cache and the sampler all arrive.
+    from talkstream.engine.runtime import LoadOptions
+
+    cfg = EngineConfig(
+        max_batch_frames=12,
+        tensorrt_precision="fp32",
+        lookahead_frames=1,
+        warmup=False,
+        avatar=AvatarConfig(cache_dir=tmp_path),
+    )
+    with load_engine(cfg, micro, ort_spinning="off") as eng:
+        opts = eng.backend.options
+        assert (opts.max_batch, opts.precision, opts.cache_dir) == (12, "fp32", tmp_path)
+        assert opts.lookaheads == (1,) and opts.ort_spinning == "off"
+        assert opts.sampler is not None and opts.sampler.timesteps == eng.sampler.timesteps
+    with pytest.raises(ValueError, match="precision"):
+        LoadOptions.from_config(cfg, precision="int8")
+    # An engine refuses a runtime loaded for another device or dtype than its config's.
+    runtime = get_backend("torch").load(micro, options=LoadOptions.from_config(cfg))
+    with pytest.raises(ValueError, match=r"LoadOptions\.from_config"):
+        Engine(dataclasses.replace(cfg, dtype="bfloat16"), runtime)
 
 
 # --- selection and errors -------------------------------------------------------------------------
@@ -272,14 +344,8 @@ def test_auto_picks_the_first_available_in_preference_order() -> None:
 
 
 def test_auto_skips_a_backend_whose_library_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_import = backends._import
-
-    def no_onnxruntime(module: str, what: str, extra: str) -> Any:
-        if module == "onnxruntime":
-            raise MissingDependencyError(what, module, extra)
-        return real_import(module, what, extra)
-
-    monkeypatch.setattr(backends, "_import", no_onnxruntime)
+    # A None entry in sys.modules makes `import onnxruntime` raise ImportError, as if absent.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     sel = select_backend("cpu")
     assert sel.name == "torch"
     why = dict(sel.skipped)["onnxruntime"]
@@ -289,14 +355,7 @@ def test_auto_skips_a_backend_whose_library_is_missing(monkeypatch: pytest.Monke
 def test_missing_library_raises_missing_dependency_naming_the_extra(
     monkeypatch: pytest.MonkeyPatch, micro: Models
 ) -> None:
-    real_import = backends._import
-
-    def missing(module: str, what: str, extra: str) -> Any:
-        if module == "onnxruntime":
-            raise MissingDependencyError(what, module, extra)
-        return real_import(module, what, extra)
-
-    monkeypatch.setattr(backends, "_import", missing)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # importing it raises ImportError
     with pytest.raises(MissingDependencyError) as info:
         load_backend("onnxruntime", micro, "cpu")
     assert info.value.extra == "export" and info.value.module == "onnxruntime"
@@ -468,7 +527,7 @@ def test_plugin_registration_needs_tensorrt() -> None:
 
 @needs_trt_gpu
 def test_tensorrt_matches_eager(tmp_path: Path) -> None:
-    gpu = micro_models()
+    gpu = live_micro_models()
     sampler = FewStepSampler.from_config(SamplerConfig(steps=2))
     loaded = get_backend("tensorrt").load(gpu, "cuda", cache_dir=tmp_path, sampler=sampler)
     x: dict[str, Any] = {

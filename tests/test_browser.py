@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,10 @@ playwright_api = pytest.importorskip(
     "playwright.async_api", reason="Python playwright is not installed (pip install playwright)"
 )
 
-import soundfile  # noqa: E402
-
-from talkstream.benchmarking.browser import CHROMIUM_FLAGS  # noqa: E402
-from talkstream.config import EngineConfig, IdleConfig  # noqa: E402
+from talkstream.benchmarking.browser import CHROMIUM_FLAGS, speech_bursts  # noqa: E402
+from talkstream.benchmarking.local import local_engine  # noqa: E402
 from talkstream.engine.avatar import Avatar  # noqa: E402
 from talkstream.engine.pipeline import Engine  # noqa: E402
-from talkstream.streaming.server import warm_up  # noqa: E402
 from tests.test_server import running_server, wait_for  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -50,18 +46,8 @@ pytestmark = [
 
 def speech_silence_speech(tmp: Path) -> Path:
     """espeak-ng speech, 2.5 s of silence, speech, silence: a 16-bit WAV for the fake mic."""
-    raw = tmp / "sentence.wav"
-    subprocess.run(
-        ["espeak-ng", "-w", str(raw), "hello there, how are you doing today"],
-        check=True,
-        capture_output=True,
-    )
-    x, rate = soundfile.read(raw, dtype="float32")
-    gap = np.zeros(int(2.5 * rate), np.float32)
-    wav = np.concatenate([np.zeros(int(0.3 * rate), np.float32), x, gap, x, gap])
-    out = tmp / "speech.wav"
-    soundfile.write(out, wav, rate, subtype="PCM_16")
-    return out
+    sentence = "hello there, how are you doing today"
+    return speech_bursts(tmp / "speech.wav", [sentence, sentence], lead_s=0.3, gap_s=2.5)
 
 
 async def launch(p: Any, tmp: Path, wav: Path) -> Any:
@@ -77,9 +63,9 @@ async def launch(p: Any, tmp: Path, wav: Path) -> Any:
 def still_engine(default_avatar: Avatar) -> Iterator[Engine]:
     # The shipped trained model (idle motion off, so silence is still): random weights draw the
     # photo through the pixel warp and barely move the mouth, a trained model opens it.
-    eng = Engine(EngineConfig(idle=IdleConfig(enabled=False)))
+    eng = local_engine()  # --browser local's engine: the shipped checkpoint, idle off
     assert not eng.models.meta.get("random_init"), "the shipped checkpoint is missing"
-    warm_up(eng, default_avatar)
+    eng.warmup(default_avatar)
     yield eng
     eng.close()
 

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from talkstream import busy
-from talkstream.config import RenderConfig
+from talkstream.config import Config, RenderConfig
 from talkstream.engine import render as render_mod
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
@@ -130,7 +130,8 @@ def test_render_prints_the_hint(
     sf.write(wav, speechlike(16000 // 2), 16000)
     with caplog.at_level(logging.WARNING, logger="talkstream.engine.render"):
         render_mod.render_to_file(
-            RenderConfig(out=tmp_path / "o.mp4", audio=wav, progress=False), engine=tiny_engine
+            Config(render=RenderConfig(out=tmp_path / "o.mp4", audio=wav, progress=False)),
+            tiny_engine,
         )
     lines = [r.getMessage() for r in caplog.records if "other processes" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("rendering at ")

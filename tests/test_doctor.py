@@ -59,7 +59,7 @@ def test_export_torch_builds_nothing(capsys: pytest.CaptureFixture[str], tmp_pat
 def test_export_fails_a_backend_that_differs_from_eager(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from talkstream.export.backends import TorchModels
+    from talkstream.export.eager import TorchModels
 
     eager = TorchModels.denoiser
 

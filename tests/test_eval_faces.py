@@ -243,13 +243,18 @@ def test_eval_faces_end_to_end(
     assert g["painting"]["n"] == 1 and g["drawing"]["n"] == 1
     ok = [f for f in rep["faces"] if "error" not in f]
     assert len(ok) == len(rep["faces"]) >= 5
+    # The shipped model on faces it never saw, photos, a painting and a drawing alike: the
+    # face is found, kept (same person, dlib's 0.6), left alone outside the mouth, and its lips
+    # follow the speech. Measured: detection 100 %, id distance 0.16-0.26, 30-41 dB, r 0.88-0.92
+    # (a broken motion head scores 0.05-0.6 on these faces: tests/test_lipsync.py).
+    assert rep["info"]["random_init"] is False
     for f in ok:
         assert f["frames"] == 50
         assert Path(f["sheet"]).is_file()
-        assert 0.0 <= f["detection_rate"] <= 1.0
-        assert f["psnr_outside_mouth_db"] > 5.0
-        assert f["identity"] is None or 0.0 <= f["identity"] < 2.0
-        assert f["lipsync_r"] is None or -1.0 <= f["lipsync_r"] <= 1.0
+        assert f["detection_rate"] >= 0.9, f
+        assert f["psnr_outside_mouth_db"] > 25.0, f
+        assert f["identity"] is not None and 0.0 <= f["identity"] < 0.6, f
+        assert f["lipsync_r"] is not None and f["lipsync_r"] >= 0.6, f
     sheet = Image.open(next(f["sheet"] for f in ok if f["id"] == "astronaut"))
     assert sheet.width == 9 * 160
     assert sorted(p.name for p in (sheets / "inputs").iterdir()) == sorted(

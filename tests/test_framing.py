@@ -15,7 +15,7 @@ import soundfile as sf
 from PIL import Image
 
 from talkstream.cli import _engine_config, build_parser
-from talkstream.config import FRAMINGS, AvatarConfig, EngineConfig, RenderConfig
+from talkstream.config import FRAMINGS, AvatarConfig, Config, EngineConfig, RenderConfig
 from talkstream.engine import avatar as av
 from talkstream.engine.landmarks import DlibDetector, FaceDetection, save_landmarks_json
 from talkstream.engine.pipeline import Engine
@@ -375,8 +375,9 @@ def test_forced_render_of_a_refused_photo(
     wav = tmp_path / "a.wav"
     sf.write(wav, speechlike(16000 // 5), 16000)
     forced = EngineConfig(avatar=AvatarConfig(check_quality=False))
-    cfg = RenderConfig(
-        out=tmp_path / "o.mp4", image=photo, audio=wav, progress=False, engine=forced
+    cfg = Config(
+        engine=forced,
+        render=RenderConfig(out=tmp_path / "o.mp4", image=photo, audio=wav, progress=False),
     )
     seen: list[tuple[int, ...]] = []
     with caplog.at_level(logging.WARNING, logger="talkstream.engine.avatar"):

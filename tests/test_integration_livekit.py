@@ -549,8 +549,8 @@ async def test_generator_idles_at_25_fps_without_audio_then_speaks_on_frame_boun
 def test_generator_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="compute_budget_ms"):
         GeneratorConfig(compute_budget_ms=-1)
-    with pytest.raises(ValueError, match="render_batch"):
-        GeneratorConfig(render_batch=0)
+    with pytest.raises(ValueError, match="frames_per_call"):
+        GeneratorConfig(frames_per_call=0)
 
 
 # ----------------------------------------------------------------------------- agent side

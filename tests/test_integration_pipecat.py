@@ -35,7 +35,6 @@ from pipecat.tests.utils import SleepFrame, run_test
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
 from talkstream.integrations.pipecat import META_KEY, TalkstreamVideoService
-from talkstream.streaming.server import warm_up
 from tests.conftest import speechlike
 
 FRAME_S = 0.04
@@ -60,7 +59,7 @@ class PushLog(BaseObserver):
 
 @pytest.fixture(scope="module")
 def warm_engine(tiny_engine: Engine, default_avatar: Avatar) -> Iterator[Engine]:
-    warm_up(tiny_engine, default_avatar)
+    tiny_engine.warmup(default_avatar)
     yield tiny_engine
 
 

@@ -25,6 +25,7 @@ from talkstream.config import EngineConfig
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.motion import MotionStreamer, build_windows
 from talkstream.engine.pipeline import Engine, Frame
+from talkstream.runtime import load_engine
 from talkstream.streaming.clock import SAMPLES_PER_FRAME_48K
 from talkstream.streaming.config import StreamConfig
 from talkstream.streaming.tracks import AvatarStream, _inner_lip_opening
@@ -199,7 +200,7 @@ def shipped_engine() -> Iterator[Engine]:
     if path is None:
         pytest.skip("the shipped tiny checkpoint is not in this checkout")
     cfg = EngineConfig(preset="tiny", backend="torch", threads=2)  # warm: no slow first frame
-    eng = Engine(cfg, load_checkpoint(path, "cpu"))
+    eng = load_engine(cfg, load_checkpoint(path, "cpu"))
     yield eng
     eng.close()
 
@@ -217,7 +218,7 @@ def espeak_speech() -> tuple[np.ndarray, int]:
 def _shown(st: AvatarStream, index: int) -> Frame | None:
     """The rendered frame the display shows as frame ``index`` (None: the still photo)."""
     st.video_frame(index)
-    frames = st._rendered
+    frames = st.pacer.frames
     return frames[0] if frames and frames[0].pts <= index else None
 
 
@@ -237,7 +238,7 @@ async def _settle(st: AvatarStream, timeout_s: float = 20.0) -> None:
 async def _step(st: AvatarStream, now: FakeTime) -> int:
     """Advance the media clock by one frame once every ready frame is rendered (the clock is
     fake: rendering takes no media time); returns the frame now on screen."""
-    if st._rendered:
+    if st.pacer.frames:
         await _settle(st)
     now.t += 0.04
     st._top_up()
@@ -281,7 +282,7 @@ async def test_interrupt_shows_the_mouth_at_rest_next_frame_and_silences_the_voi
         assert openings[-1] - rest > 0.5 * span
         # Speech fed beyond the display, frames rendered ahead of it: both get cut.
         assert st.written > (index + 2) * SAMPLES_PER_FRAME_48K
-        assert st._rendered[-1].pts > index
+        assert st.pacer.frames[-1].pts > index
         # The next frame shown, or the one after it when its render cannot finish in time.
         cut = st.interrupt_frame()
         assert cut in (index + 1, index + 2)
@@ -304,7 +305,7 @@ async def test_interrupt_shows_the_mouth_at_rest_next_frame_and_silences_the_voi
                 cut,
                 index,
                 st.stats.render_ms_ema,
-                [g.pts for g in st._rendered],
+                [g.pts for g in st.pacer.frames],
                 st.session.frames_skipped,
                 st.clock.frame_on_screen(),
             )

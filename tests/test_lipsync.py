@@ -92,12 +92,13 @@ def faces(detector: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _lipsync_r(models: Any, faces: dict[str, Any], speech: Any, detector: Any) -> dict[str, Any]:
     from talkstream.config import EngineConfig
     from talkstream.engine.avatar import prepare_avatar
+    from talkstream.runtime import load_engine
     from talkstream.training import face_eval as fe
     from talkstream.training.evaluate import _detect_openings, inner_lip_opening, pearson
     from talkstream.training.visemes import MouthGeometry, params_to_landmarks
 
     cfg = EngineConfig(backend="torch", threads=1)
-    engine = fe._crop_engine_class()(cfg, models)
+    engine = load_engine(cfg, models)
     acfg = dataclasses.replace(cfg.avatar, crop_size=engine.crop_size)
     out: dict[str, Any] = {}
     try:

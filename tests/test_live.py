@@ -27,7 +27,7 @@ from talkstream.config import FPS
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
 from talkstream.errors import TalkstreamError
-from talkstream.streaming.live import LiveLoop, warm_up
+from talkstream.streaming.live import LiveLoop
 from talkstream.streaming.mic import InputDevice
 from talkstream.streaming.vcam import (
     VirtualCameraSink,
@@ -131,7 +131,7 @@ def _speech(seconds: float) -> np.ndarray:
 def _run_loop(
     engine: Engine, avatar: Avatar, pcm: np.ndarray, realtime: bool
 ) -> tuple[LiveLoop, RecordingSink, ThreadCapture]:
-    warm_up(engine, avatar)
+    engine.warmup(avatar)
     session = engine.session(avatar)
     sink = RecordingSink()
     loop = LiveLoop(session, sink, delay_s=session.latency_s + 0.1)
@@ -285,15 +285,64 @@ def test_vcam_error_names_v4l2loopback(device: str | None) -> None:
     assert not seen  # pyvirtualcam's half-built camera was cleaned up quietly
 
 
+def _luma_of_device_frame(raw: bytes, fmt: str, w: int, h: int) -> np.ndarray:
+    """The Y plane of one raw frame as v4l2loopback hands it to a reader (pyvirtualcam's
+    native formats: planar I420 / NV12, packed YUYV / UYVY)."""
+    buf = np.frombuffer(raw, np.uint8)
+    if fmt in ("I420", "NV12"):
+        return buf[: w * h].reshape(h, w)
+    packed = buf[: w * h * 2].reshape(h, w * 2)
+    return packed[:, 0::2] if fmt == "YUY2" else packed[:, 1::2]
+
+
+def _luma_correlation(y: np.ndarray, rgb: np.ndarray) -> float:
+    want = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # BT.601, any range
+    return float(np.corrcoef(y.astype(np.float64).ravel(), want.ravel())[0, 1])
+
+
 @requires_pyvirtualcam
 @needs_vcam
 def test_vcam_sends_frames(default_avatar: Avatar) -> None:
+    """What the sink sends is what a video-call app reads from the device: the frame's size,
+    its picture, and the newest frame (a second, inverted picture replaces the first)."""
+    import os
+
     h, w = default_avatar.image.shape[:2]
     cam = VirtualCameraSink(w, h)
+    pictures = [vcam_frame(default_avatar.image, cam.size)]
+    pictures.append(255 - pictures[0])
+    showing = [pictures[0]]
+    stop = threading.Event()
+
+    def feed() -> None:  # a steady 25 fps source, as the live loop is
+        while not stop.is_set():
+            cam.send(showing[0])
+            time.sleep(1 / FPS)
+
+    cam.send(showing[0])  # the first frame opens the device's capture side (exclusive_caps=1)
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     try:
-        for _ in range(3):
-            cam.send(default_avatar.image)
+        assert cam.device in loopback_devices()
+        fmt = str(cam.camera.native_fmt.value)
+        assert fmt in ("I420", "NV12", "YUY2", "UYVY"), f"device format {fmt}: not read here"
+        fw, fh = cam.size
+        size = fw * fh * 2 if fmt in ("YUY2", "UYVY") else fw * fh * 3 // 2
+        fd = os.open(cam.device, os.O_RDONLY)  # v4l2loopback supports read() capture
+        try:
+            for picture in pictures:
+                showing[0] = picture
+                time.sleep(0.2)  # a few frames of the new picture
+                raw = os.read(fd, size)
+                assert len(raw) == size, (len(raw), size, fmt)
+                y = _luma_of_device_frame(raw, fmt, fw, fh)
+                assert y.shape == (fh, fw)
+                assert _luma_correlation(y, picture) > 0.95
+        finally:
+            os.close(fd)
     finally:
+        stop.set()
+        feeder.join()
         cam.close()
 
 

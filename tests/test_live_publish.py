@@ -38,7 +38,7 @@ from talkstream.publish.local import (
 )
 from talkstream.publish.publisher import JanusPublication, PublishError, watch_janus
 from talkstream.publish.sink import PublishSink, PublishTarget
-from talkstream.streaming.live import LiveLoop, warm_up
+from talkstream.streaming.live import LiveLoop
 from talkstream.streaming.server import mouth_box
 from talkstream.streaming.sessions import shorten_audio_prefetch
 from tests.conftest import speechlike
@@ -159,7 +159,7 @@ async def test_live_publishes_into_janus(
             if r.track.kind == "audio":
                 assert shorten_audio_prefetch(r, 1)
 
-        await asyncio.to_thread(warm_up, still_engine, default_avatar)
+        await asyncio.to_thread(still_engine.warmup, default_avatar)
         session = still_engine.session(default_avatar)
         tap = Tap(sink, box)
         loop = LiveLoop(session, tap, delay_s=session.latency_s + 0.1)

@@ -109,10 +109,16 @@ def envelope_at(voice: np.ndarray, times: np.ndarray, shift_ms: float) -> np.nda
     return out
 
 
-async def test_agent_in_browser_lips_follow_voice(tmp_path: Path) -> None:
+async def test_agent_in_browser_lips_follow_voice(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     use_loopback_ice()
     example = load_example()
-    agent = example.Agent(example.AgentConfig(script=SCRIPT))
+    # The service picks serve's backend (onnxruntime on a CPU), whose graphs it would export to
+    # a temporary directory (~10 s). The session's shared artifact cache holds the shipped
+    # model's graphs once the backend and export tests have run (tests/test_export_onnx.py).
+    cache = tmp_path_factory.getbasetemp() / "talkstream-shared-cache"
+    agent = example.Agent(example.AgentConfig(script=SCRIPT, service_options={"cache_dir": cache}))
     await agent.load()  # the shipped trained model: random weights would not open the mouth
     assert not agent.engine.random_init, "the shipped checkpoint is missing"
     try:

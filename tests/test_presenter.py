@@ -18,16 +18,15 @@ pytest.importorskip("aiortc", reason="the serve extra (aiortc) is not installed"
 import soundfile
 
 from talkstream.engine.avatar import Avatar
-from talkstream.engine.pipeline import Engine, Frame, RenderItem
+from talkstream.engine.pipeline import Engine, Faces, RenderItem
 from talkstream.streaming.client import connect
-from talkstream.streaming.server import warm_up
 from tests.conftest import speechlike
 from tests.test_server import running_server, wait_for
 
 
 @pytest.fixture(scope="module")
 def warm_engine(tiny_engine: Engine, default_avatar: Avatar) -> Engine:
-    warm_up(tiny_engine, default_avatar)
+    tiny_engine.warmup(default_avatar)
     return tiny_engine
 
 
@@ -43,7 +42,7 @@ async def test_fan_out_renders_once_per_presenter(
     rendered: list[int] = []
     real_render = warm_engine.render
 
-    def counting_render(items: Sequence[RenderItem]) -> list[Frame]:
+    def counting_render(items: Sequence[RenderItem]) -> Faces:
         rendered.extend(it.pts for it in items)
         return real_render(items)
 

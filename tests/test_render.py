@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from talkstream.cli import main
-from talkstream.config import RenderConfig
+from talkstream.config import Config, RenderConfig
 from talkstream.engine.pipeline import Engine
 from talkstream.engine.render import render_to_file
 from tests.conftest import speechlike
@@ -39,8 +39,8 @@ def test_render_44k_stereo(tmp_path: Path, tiny_engine: Engine) -> None:
     out = tmp_path / "out.mp4"
     seen: list[int] = []
     res = render_to_file(
-        RenderConfig(out=out, audio=wav, progress=False),
-        engine=tiny_engine,
+        Config(render=RenderConfig(out=out, audio=wav, progress=False)),
+        tiny_engine,
         on_frame=lambda f: seen.append(f.pts),
     )
     expected = math.ceil(math.ceil(len(x) * 16000 / 44100) / 640)  # 33 frames for 1.3 s

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from talkstream.config import AvatarConfig, RenderConfig
+from talkstream.config import AvatarConfig, Config, RenderConfig
 from talkstream.engine import avatar as av
 from talkstream.engine.pipeline import Engine
 from talkstream.engine.render import render_to_file
@@ -37,7 +37,7 @@ def test_output_follows_the_umask(tmp_path: Path, tiny_engine: Engine, umask: in
     out = tmp_path / "out.mp4"
     old = os.umask(umask)
     try:
-        render_to_file(RenderConfig(out=out, audio=wav, progress=False), engine=tiny_engine)
+        render_to_file(Config(render=RenderConfig(out=out, audio=wav, progress=False)), tiny_engine)
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
@@ -48,7 +48,7 @@ def test_output_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path, tiny_engi
     out = tmp_path / "out.mp4"
     out.write_bytes(b"old")
     out.chmod(0o640)
-    render_to_file(RenderConfig(out=out, audio=wav, progress=False), engine=tiny_engine)
+    render_to_file(Config(render=RenderConfig(out=out, audio=wav, progress=False)), tiny_engine)
     assert out.stat().st_mode & 0o777 == 0o640 and out.stat().st_size > 100
 
 
@@ -110,10 +110,18 @@ def _phone_photo(path: Path, size: tuple[int, int] = (8200, 6150)) -> np.ndarray
     return (av.default_landmarks().astype(np.float64) + 0.5) * scale - 0.5 + (ox, oy)
 
 
+@pytest.fixture(scope="module")
+def phone_photo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """The 50 MP photo (made once: ~2 s) and its landmarks; the tests only read it."""
+    photo = tmp_path_factory.mktemp("phone") / "phone.jpg"
+    return photo, _phone_photo(photo)
+
+
 @pytest.mark.slow
-def test_phone_photo_is_reduced_not_refused(tmp_path: Path) -> None:
-    photo = tmp_path / "phone.jpg"
-    points = _phone_photo(photo)
+def test_phone_photo_is_reduced_not_refused(
+    tmp_path: Path, phone_photo: tuple[Path, np.ndarray]
+) -> None:
+    photo, points = phone_photo
     image, k = av.load_photo(photo, AvatarConfig())
     assert k == 2 and image.shape == (3075, 4100, 3)
     # `talkstream landmarks` saves them in the photo's own pixels (what --landmarks files
@@ -138,10 +146,11 @@ def test_phone_photo_is_reduced_not_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_phone_photo_costs_the_memory_of_its_reduced_size(tmp_path: Path) -> None:
+def test_phone_photo_costs_the_memory_of_its_reduced_size(
+    tmp_path: Path, phone_photo: tuple[Path, np.ndarray]
+) -> None:
     """JPEG is decoded at half size: the 50 MP photo's peak is the 12.5 MP photo's."""
-    photo = tmp_path / "phone.jpg"
-    _phone_photo(photo)
+    photo, _ = phone_photo
     half = tmp_path / "half.jpg"
     with Image.open(photo) as im:
         im.reduce(2).save(half, quality=85)

@@ -23,15 +23,13 @@ pytest.importorskip("aiohttp", reason="the serve extra (aiohttp) is not installe
 
 import aiohttp
 import soundfile
-from aiohttp import web
 from aiortc.mediastreams import MediaStreamTrack
 
+from talkstream.benchmarking.local import start_server
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
 from talkstream.streaming.client import SpeechTrack, connect
-from talkstream.streaming.config import ServeConfig, default_max_sessions
-from talkstream.streaming.sdp import use_loopback_ice
-from talkstream.streaming.server import MANAGER_KEY, create_app, make_runner, warm_up
+from talkstream.streaming.config import StreamConfig, default_max_sessions
 from talkstream.streaming.sessions import SessionManager
 from tests.conftest import speechlike
 
@@ -59,26 +57,16 @@ class Harness:
 async def running_server(
     engine: Engine, avatar: Avatar, **overrides: Any
 ) -> AsyncIterator[Harness]:
-    """A server on a free loopback port, torn down afterwards."""
-    use_loopback_ice()
-    cfg = ServeConfig(port=0, ice_loopback_only=True, **overrides)
-    app = create_app(cfg, engine, avatar)
-    runner = make_runner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Harness(f"http://127.0.0.1:{port}", http, app[MANAGER_KEY])
-    finally:
-        await runner.cleanup()
+    """A server on a free loopback port (the benchmarks' own, :func:`start_server`) and an HTTP
+    client, torn down afterwards."""
+    async with start_server(engine, avatar, **overrides) as srv, aiohttp.ClientSession() as http:
+        yield Harness(srv.url, http, srv.manager)
 
 
 @pytest.fixture(scope="module")
 def warm_engine(tiny_engine: Engine, default_avatar: Avatar) -> Iterator[Engine]:
     # A cold engine's first frames take a second: warm it as `serve` does at start-up.
-    warm_up(tiny_engine, default_avatar)
+    tiny_engine.warmup(default_avatar)
     yield tiny_engine
 
 
@@ -117,10 +105,13 @@ class StalledMic(MediaStreamTrack):
 async def test_live_session_streams_avatar_and_bad_input_leaves_it_running(
     warm_engine: Engine, default_avatar: Avatar
 ) -> None:
-    async with running_server(warm_engine, default_avatar) as h:
+    # Budgets other than the defaults (40 and 40), and each other: the report must show these.
+    stream = StreamConfig(jitter_budget_ms=60.0, compute_budget_ms=50.0)
+    async with running_server(warm_engine, default_avatar, stream=stream) as h:
         client = await connect(h.url, mic=SpeechTrack(speech_48k(6.0)), session=h.http)
         try:
-            assert "latency_budget_ms" in client.answer and len(client.answer["mouth_box"]) == 4
+            assert client.answer["latency_budget_ms"] == stats_budget(warm_engine, default_avatar)
+            assert len(client.answer["mouth_box"]) == 4
             await asyncio.sleep(2.0)
             # Meanwhile, every kind of bad input gets a 4xx with a reason ...
             await _every_bad_input(h)
@@ -136,14 +127,26 @@ async def test_live_session_streams_avatar_and_bad_input_leaves_it_running(
             # Frames are rendered or, on a machine too busy to keep up, skipped by deadline.
             assert stats["frames_rendered"] > 5
             assert stats["frames_rendered"] + stats["frames_skipped"] > 60
-            budget = stats["latency_budget_ms"]
-            assert budget["total_s"] == pytest.approx(
-                budget["algorithmic_s"] + budget["jitter_s"] + budget["compute_s"], abs=0.2
-            )
+            # The budget the stream runs on: the engine's algorithmic latency, then the live
+            # jitter and the compute budget as configured, in milliseconds.
+            assert stats["latency_budget_ms"] == stats_budget(warm_engine, default_avatar)
             status, trace = await h.get_json(f"/sessions/{client.session_id}/trace")
             assert status == 200 and max(m for _, m in trace["motion"]) > 0
         finally:
             await client.close()
+
+
+def stats_budget(engine: Engine, avatar: Avatar) -> Any:
+    """The latency budget a live stream with 60 ms jitter and 50 ms compute budgets reports."""
+    algorithmic_ms = engine.session(avatar).latency_s * 1000
+    assert 80 < algorithmic_ms < 200  # the 2-frame lookahead (80 ms) plus the audio frontend's
+    budget = {
+        "algorithmic_ms": algorithmic_ms,
+        "jitter_ms": 60.0,
+        "compute_ms": 50.0,
+        "total_ms": algorithmic_ms + 60.0 + 50.0,
+    }
+    return pytest.approx(budget, abs=0.06)  # the report rounds to 0.1 ms
 
 
 async def _every_bad_input(h: Harness) -> None:

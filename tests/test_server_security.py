@@ -36,7 +36,6 @@ from talkstream.streaming.client import SpeechTrack, connect
 from talkstream.streaming.config import ServeConfig
 from talkstream.streaming.decode import DecodeLimits, decode_audio_capped
 from talkstream.streaming.security import AccessPolicy, JsonInputError, json_depth, parse_json
-from talkstream.streaming.server import warm_up
 from talkstream.streaming.sessions import NegotiationError
 from tests.test_server import Harness, _offer_sdp, running_server, speech_48k, wait_for
 
@@ -48,7 +47,7 @@ INTERNALS = ("Error:", "Exception", "Traceback", "RecursionError", "AttributeErr
 
 @pytest.fixture(scope="module")
 def warm_engine(tiny_engine: Engine, default_avatar: Avatar) -> Iterator[Engine]:
-    warm_up(tiny_engine, default_avatar)
+    tiny_engine.warmup(default_avatar)
     yield tiny_engine
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -256,16 +257,25 @@ def test_plan_depends_on_the_seed() -> None:
 
 
 @needs_espeak
-def test_cli_parser(tmp_path: Path) -> None:
+def test_cli_parser(tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="talkstream")
     sub = parser.add_subparsers(dest="command")
     add_corpus_parser(sub)
     a = parser.parse_args(["corpus", "--out", str(tmp_path / "c"), "--minutes", "0.02"])
-    assert a.command == "corpus" and a.seed == 0 and a.image is None
+    assert a.command == "corpus" and a.seed == 0 and a.image is None and a.minutes == 0.02
+    # The command on a copy of the fixture's corpus, with its arguments: the clips are found
+    # and reused (building them is the fixture's part), so what is tested is the command.
+    shutil.copytree(tiny_corpus, tmp_path / "c")
+    a = parser.parse_args(
+        ["corpus", "--out", str(tmp_path / "c"), "--minutes", "0.1", "--seed", "3"]
+    )
     a.no_progress = True
     assert a.func(a) == 0
     m = json.loads((tmp_path / "c" / "manifest.json").read_text(encoding="utf-8"))
-    assert m["seed"] == 0 and len(m["clips"]) >= 2
+    assert m["seed"] == 3 and len(m["clips"]) >= 2
+    said = capsys.readouterr().out
+    assert f"wrote {len(m['clips'])} clips" in said
+    assert f"{len(m['clips'])} reused from an earlier run" in said
     bad = parser.parse_args(["corpus", "--out", str(tmp_path / "d"), "--landmarks", "x.json"])
     with pytest.raises(InputError, match="--image"):
         bad.func(bad)

@@ -279,14 +279,18 @@ async def test_a_slow_render_does_not_lock_the_stream_into_skipping(
 ) -> None:
     now = FakeTime(0.0)
     st = _stream(tiny_engine, default_avatar, "presenter", now, compute_budget_ms=50)
-    st.stats.render_ms_ema = 1000.0  # one render took a second: every frame now looks late
+    st.pacer.render_s = 1.0  # one render took a second: every frame now looks late
+    late = st._first_worth_rendering()
+    assert late - st.clock.first_live_frame(0.0) >= 24  # a second's frames written off
     now.t = 0.1
-    st._relax_render_estimate()
+    st._top_up()  # the timeline tick relaxes the estimate (the pacer's own rule: test_pacing)
     assert st.stats.render_ms_ema == 1000.0  # a short gap: the estimate stands
     now.t = 1.0
-    for _ in range(40):  # 40 ticks (0.8 s) without a rendered frame
-        st._relax_render_estimate()
+    for _ in range(40):  # 40 ticks without a rendered frame
+        st._top_up()
     assert 50.0 < st.stats.render_ms_ema < 51.0
+    # Frames are tried again: the first one worth rendering is within two of the display.
+    assert st._first_worth_rendering() - st.clock.first_live_frame(1.0) <= 2
     await st.close()
 
 

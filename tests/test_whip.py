@@ -278,15 +278,20 @@ def _publish_cmd(url: str, *extra: str) -> list[str]:
 @needs_servers
 @pytest.mark.slow
 async def test_publish_command_speaks_then_stops_on_sigterm(
-    servers: tuple[LocalJanus, LocalWhipServer], local_ice: None
+    servers: tuple[LocalJanus, LocalWhipServer],
+    local_ice: None,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     j, w = servers
     room = 3004
     await ensure_room(j, room)
     url = w.create_endpoint("cli", room, token=TOKEN)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # publish runs serve's backend (onnxruntime on a CPU): the session's shared artifact cache
+    # has the shipped model's graphs (tests/test_export_onnx.py), the user's cache is left alone.
+    cache = tmp_path_factory.getbasetemp() / "talkstream-shared-cache"
     proc = subprocess.Popen(
-        _publish_cmd(url, "--token", TOKEN, "--audio", str(SAMPLE)),
+        _publish_cmd(url, "--token", TOKEN, "--audio", str(SAMPLE), "--cache-dir", str(cache)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,

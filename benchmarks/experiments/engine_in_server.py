@@ -20,7 +20,6 @@ import numpy as np
 
 from talkstream.config import AvatarConfig
 from talkstream.engine.avatar import default_image, default_landmarks, prepare_avatar
-from talkstream.streaming.server import warm_up
 
 spec = importlib.util.spec_from_file_location("sl", "benchmarks/stream_latency.py")
 assert spec is not None and spec.loader is not None
@@ -43,7 +42,7 @@ ap = argparse.Namespace(
 )
 eng = sl.build_engine(ap)
 av = prepare_avatar(default_image(), AvatarConfig(), landmarks=default_landmarks())
-warm_up(eng, av)
+eng.warmup(av)
 rec = []
 orig = eng.render
 

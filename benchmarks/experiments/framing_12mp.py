@@ -40,10 +40,11 @@ import soundfile as sf
 from av import VideoFrame
 from PIL import Image
 
-from talkstream.config import AvatarConfig, EngineConfig, RenderConfig
+from talkstream.config import AvatarConfig, Config, EngineConfig, RenderConfig
 from talkstream.engine.avatar import default_image, load_avatar_source, prepare_avatar_source
 from talkstream.engine.pipeline import Engine
 from talkstream.engine.render import default_audio_path, render_to_file
+from talkstream.runtime import load_engine
 
 
 def make_photo(path: Path) -> None:
@@ -111,7 +112,7 @@ def main() -> None:
     clip = tmp / "clip.wav"
     sf.write(clip, speech[: int(a.render_seconds * rate)], rate)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talkstream"
-    engine = Engine(EngineConfig(backend=a.backend, avatar=AvatarConfig(cache_dir=cache)))
+    engine = load_engine(EngineConfig(backend=a.backend, avatar=AvatarConfig(cache_dir=cache)))
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": platform.processor() or platform.machine(),
@@ -127,17 +128,16 @@ def main() -> None:
         source = load_avatar_source(photo, None, acfg)
         avatar = prepare_avatar_source(source, acfg)
         prep_s = time.perf_counter() - t0
-        engine.prepare(avatar)
+        engine.encode_avatar(avatar)
         times = serve_frames(engine, avatar, n, warmup=2)
         per_frame = [
             e + y + v for e, y, v in zip(times["engine"], times["yuv"], times["vp8"], strict=True)
         ]
-        rcfg = RenderConfig(
-            out=tmp / f"{framing}.mp4",
-            image=photo,
-            audio=clip,
-            progress=False,
+        rcfg = Config(
             engine=EngineConfig(backend=a.backend, avatar=AvatarConfig(framing=framing)),
+            render=RenderConfig(
+                out=tmp / f"{framing}.mp4", image=photo, audio=clip, progress=False
+            ),
         )
         res = render_to_file(rcfg, engine=engine)
         h, w = avatar.image.shape[:2]

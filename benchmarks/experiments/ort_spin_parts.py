@@ -10,27 +10,29 @@
 noisy from run to run, see benchmarks/backends_cpu.py --isolate for the comparison to quote.)
 """
 
-import functools
 import sys
 import time
 
 import numpy as np
 import torch
 
-import talkstream.engine.pipeline as pl
 from talkstream.config import EngineConfig
 from talkstream.engine.avatar import default_image, default_landmarks, prepare_avatar
 from talkstream.engine.checkpoint import Models
-from talkstream.export.backends import load_backend
 from talkstream.kernels.post import rgb_to_i420
+from talkstream.runtime import load_engine
+
+compose = sys.modules["talkstream.engine.compose"]
 
 spin = sys.argv[1]
 torch.set_num_threads(2)
-pl.load_backend = functools.partial(
-    load_backend, ort_spinning=spin, ort_motion_one_thread=sys.argv[2] == "1"
-)
 cfg = EngineConfig(backend="onnxruntime", threads=2)
-eng = pl.Engine(cfg, models=Models.random_init("tiny", seed=0))
+eng = load_engine(
+    cfg,
+    Models.random_init("tiny", seed=0),
+    ort_spinning=spin,
+    ort_motion_one_thread=sys.argv[2] == "1",
+)
 av = prepare_avatar(default_image(), cfg.avatar, landmarks=default_landmarks())
 s = eng.session(av)
 s.max_batch = 1
@@ -42,7 +44,7 @@ for _i in range(300):
     t0 = time.perf_counter()
     items = s.take_ready()
     t1 = time.perf_counter()
-    (f,) = eng.render(items)
+    (f,) = s.compose(items, eng.render(items))
     t2 = time.perf_counter()
     rgb_to_i420(f.image, out=i420)
     t3 = time.perf_counter()
@@ -67,7 +69,8 @@ def wrap(obj, name, key):
 
 wrap(eng.backend, "motion", "motion")
 wrap(eng.backend, "sample", "sample")
-wrap(pl, "paste_back", "paste")
+wrap(compose, "paste_back", "paste")  # the name the post stage (Compositor) calls
 for _i in range(200):
-    eng.render(s.take_ready())
+    items = s.take_ready()
+    s.compose(items, eng.render(items))
 print(spin, {k: round(np.median(v) * 1000, 2) for k, v in P.items()})

@@ -34,6 +34,7 @@ from talkstream.benchmarking.wav2lip import Wav2LipEquivalent, Wav2LipShapes
 from talkstream.config import SamplerConfig
 from talkstream.engine.denoiser import DenoiserConfig, TalkFormerDenoiser
 from talkstream.engine.motion import AudioToMotion, MotionConfig
+from talkstream.engine.runtime import torch_dtype
 from talkstream.engine.sampler import FewStepSampler, NoiseSchedule
 from talkstream.errors import MissingDependencyError
 
@@ -87,9 +88,6 @@ SD15_VAE_CONFIG: dict[str, Any] = {
 }
 SD15_VAE_SCALING = 0.18215
 MUSETALK_LATENT = 32  # 256 px / the VAE's factor 8
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclasses.dataclass
 class AnchorModel:
@@ -207,7 +205,7 @@ def run_anchors(
 ) -> dict[str, Any]:
     """Time ours and the anchors at matching output sizes; JSON-ready, with ratios."""
     dev = torch.device(device)
-    dt = _DTYPES[dtype]
+    dt = torch_dtype(dtype)
     entries: list[dict[str, Any]] = []
     builders: list[tuple[str, Callable[[], AnchorModel]]] = [
         ("ours tiny @96", lambda: build_ours("tiny", 96, steps, dev, dt)),

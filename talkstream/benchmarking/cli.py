@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from talkstream.config import Config
 from talkstream.errors import TalkstreamError
 
 log = logging.getLogger("talkstream.bench")
@@ -87,9 +88,10 @@ def add_parser(
     g = p.add_argument_group("scenarios")
     g.add_argument(
         "--backend",
-        default="torch",
+        default="auto",
         help="backends for motion + denoiser, comma-separated, side by side: torch (eager), "
-        "compiled, onnxruntime, tensorrt, auto (default torch)",
+        "compiled, onnxruntime, tensorrt, auto (default auto: the one `serve` picks here, "
+        "named in the report)",
     )
     g.add_argument(
         "--resolution",
@@ -116,7 +118,11 @@ def add_parser(
         metavar="WxH",
         help="output frame size, e.g. 1280x720 (default: the 512x512 photo)",
     )
-    g.add_argument("--no-encode", action="store_true", help="skip I420 conversion and libx264")
+    g.add_argument(
+        "--no-encode",
+        action="store_true",
+        help="skip the yuv420p conversion and the VP8 encode (what serve sends)",
+    )
     g.add_argument(
         "--iters", type=int, default=None, help=f"measured iterations ({NORMAL['iters']})"
     )
@@ -337,7 +343,7 @@ def engine_cli_args(ns: argparse.Namespace) -> list[str]:
         str(ns.seed),
     ]
     # The first backend asked for (render takes one).
-    args += ["--backend", ns.backend.split(",")[0].strip() or "torch"]
+    args += ["--backend", ns.backend.split(",")[0].strip() or "auto"]
     if ns.threads is not None:
         args += ["--threads", str(ns.threads)]
     if ns.checkpoint is not None:
@@ -402,7 +408,10 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
         # build that would bury the benchmark's own progress.
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
-    base = engine_config(ns)
+    # The config tree, built once: the shared engine section (each scenario overrides the
+    # fields it names) and the bench section, the scenarios.
+    root = Config(engine=engine_config(ns), bench=tuple(scenarios))
+    base, scenarios = root.engine, list(root.bench)
     if base.threads is not None:
         torch.set_num_threads(base.threads)
     out_dir: Path = ns.out
@@ -521,7 +530,7 @@ def _run_streaming(
     reference = sc.kernels == "reference"
     try:
         avatar = runner.prepare_bench_avatar(engine, sc.frame_size)
-        engine.prepare(avatar)
+        engine.encode_avatar(avatar)
         if e2e_s > 0:
             log.info("end-to-end latency: %.1f s of audio in real time", e2e_s)
             e2e = run_e2e(
@@ -571,9 +580,7 @@ def _run_browser(
         duration_s=ns.duration,
         speech_wav=ns.speech_wav,
         # A local server runs the first backend asked for.
-        engine_config=dataclasses.replace(
-            base, backend=ns.backend.split(",")[0].strip() or "torch"
-        ),
+        engine_config=dataclasses.replace(base, backend=ns.backend.split(",")[0].strip() or "auto"),
     )
     save()
     sys.stdout.write("\n" + render_markdown(result["browser"]))

@@ -14,7 +14,8 @@ are in sync). Its latency splits into:
   its own term, and ``algorithmic_ms`` (``Session.latency_s``) as the whole of it.
 - ``compute``: from that push to the frame being ready (queueing behind earlier frames, motion,
   denoiser, paste-back).
-- ``encode``: colour conversion + H.264 encoding after the frame is ready.
+- ``encode``: yuv420p conversion + VP8 encoding after the frame is ready, as ``serve`` sends it
+  (``talkstream.benchmarking.encode``: the video track's conversion, aiortc's ``Vp8Encoder``).
 
 ``total`` = audio_wait + compute (frame ready); ``total_encoded`` adds encoding.
 """
@@ -28,20 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from talkstream.benchmarking.runner import (
-    CHUNK_SAMPLES,
-    SAMPLES_PER_FRAME,
-    encode_i420,
-    make_encoder,
-    speech_pcm,
-)
+from talkstream.benchmarking.encode import VideoSender, serve_i420
+from talkstream.benchmarking.runner import CHUNK_SAMPLES, SAMPLES_PER_FRAME, speech_pcm
 from talkstream.benchmarking.timing import summarize
 from talkstream.config import FPS, SAMPLE_RATE_HZ
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.motion import rows_needed
 from talkstream.engine.pipeline import Engine
 from talkstream.kernels import reference_kernels
-from talkstream.kernels.post import rgb_to_i420
 
 FRAME_MS = 1000 / FPS
 CHUNK_S = CHUNK_SAMPLES / SAMPLE_RATE_HZ
@@ -97,9 +92,7 @@ def run_e2e(
 
     t_ready: dict[int, float] = {}
     t_encoded: dict[int, float] = {}
-    h, w = avatar.image.shape[:2]
-    enc = make_encoder(w, h) if encode else None
-    i420 = np.empty((h * 3 // 2, w), np.uint8)
+    enc = VideoSender(FPS) if encode else None
     thread = threading.Thread(target=feeder, name="bench-feeder", daemon=True)
     with torch.inference_mode(), reference_kernels(reference):
         thread.start()
@@ -114,22 +107,17 @@ def run_e2e(
                         if not session.has_ready():
                             break
                 continue
-            frames = engine.render(items)
+            frames = session.compose(items, engine.render(items))  # render, paste
             now = time.perf_counter()
             for fr in frames:
                 t_ready[fr.pts] = now
             if enc is not None:
                 for fr in frames:
-                    rgb_to_i420(fr.image, out=i420)
-                    encode_i420(enc, i420, fr.pts)
+                    enc.send(serve_i420(fr.image), fr.pts)  # converted on the frame's device
                     t_encoded[fr.pts] = time.perf_counter()
     thread.join()
     if errors:
         raise errors[0]
-    if enc is not None:
-        for _ in enc.encode(None):
-            pass
-
     la = session.lookahead
     cfg = st.cfg
     total, wait, compute, enc_s, total_enc = [], [], [], [], []

@@ -10,8 +10,10 @@ scenario file (``talkstream bench --scenario-file``) can ask for any set of them
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from talkstream import _config_io
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "ops": the registered custom ops (fused kernels where the device has them); "reference": the
@@ -45,7 +47,8 @@ class Scenario:
         kernels: ``ops`` (custom ops) or ``reference`` (plain torch references).
         frame_size: ``(width, height)`` of the output video frame; None: the avatar photo's own
             (512x512). Changes the cost of paste-back, colour conversion and encoding.
-        encode: whether each frame is colour-converted and H.264-encoded (libx264).
+        encode: whether each frame is converted to yuv420p and VP8-encoded as ``serve``
+            sends it (aiortc's ``Vp8Encoder``).
         iters: measured iterations (one iteration renders ``sessions * batch`` frames).
         warmup: iterations run first and reported separately, not in the percentiles.
         seed: noise seed of the first session (session ``i`` uses ``seed + i``).
@@ -54,7 +57,7 @@ class Scenario:
     """
 
     preset: str = "tiny"
-    backend: str = "torch"
+    backend: str = "auto"  # what serve runs: the fastest backend available here
     resolution: int | None = None
     steps: int = 1
     batch: int = 1
@@ -145,26 +148,14 @@ class Scenario:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``frame_size`` as a list)."""
-        d = asdict(self)
-        if self.frame_size is not None:
-            d["frame_size"] = list(self.frame_size)
-        return d
+        return _config_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Scenario:
         """Build from a dict such as ``to_dict`` makes; unknown keys are an error."""
         if not isinstance(data, dict):
             raise TypeError(f"a scenario must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown scenario keys {unknown}; expected a subset of {sorted(known)}"
-            )
-        kwargs = dict(data)
-        if isinstance(kwargs.get("frame_size"), list):
-            kwargs["frame_size"] = tuple(kwargs["frame_size"])
-        return cls(**kwargs)
+        return _config_io.from_dict(cls, data, "scenario")
 
 
 def _preset_names() -> tuple[str, ...]:

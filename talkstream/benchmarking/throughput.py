@@ -32,6 +32,7 @@ import torch
 from talkstream.benchmarking.runner import (
     MAX_START_OFFSET,
     Feeder,
+    compose_all,
     speech_pcm,
     start_offset,
     take_ready,
@@ -160,7 +161,7 @@ class SessionPool:
 
 
 def tick(engine: Engine, feeders: list[Feeder]) -> float:
-    """One unpaced tick; returns the seconds of the worker's part (collect + render).
+    """One unpaced tick; returns the seconds of the worker's part (collect, render, paste).
 
     Each session first receives the audio of its next frame. That is the producers' work (the
     event loop or capture threads call ``push_audio``), done beside the inference worker, so it
@@ -169,7 +170,8 @@ def tick(engine: Engine, feeders: list[Feeder]) -> float:
     for f in feeders:
         f.feed(1)
     t0 = time.perf_counter()
-    engine.render(take_ready(feeders))
+    items = take_ready(feeders)
+    compose_all(feeders, items, engine.render(items))  # render, then each stream's paste
     return time.perf_counter() - t0
 
 
@@ -233,7 +235,7 @@ def paced_run(
             done.set()
             wake.set()
 
-    index = {id(f.session): i for i, f in enumerate(feeders)}
+    index = {f.session.id: i for i, f in enumerate(feeders)}
     rendered = dropped = late = 0
     render_s: list[float] = []
     latency_s: list[float] = []
@@ -252,18 +254,18 @@ def paced_run(
         start = time.perf_counter()
         keep = []
         for it in items:
-            if start - due[index[id(it.session)]][it.pts] > deadline_s:
+            if start - due[index[it.stream]][it.pts] > deadline_s:
                 dropped += 1
             else:
                 keep.append(it)
         if not keep:
             continue
-        engine.render(keep)
+        compose_all(feeders, keep, engine.render(keep))
         end = time.perf_counter()
         render_s.append(end - start)
         rendered += len(keep)
         for it in keep:
-            lat = end - due[index[id(it.session)]][it.pts]
+            lat = end - due[index[it.stream]][it.pts]
             latency_s.append(lat)
             late += lat > deadline_s
     thread.join()

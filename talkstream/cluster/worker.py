@@ -79,8 +79,7 @@ class RenderWorker:
 
         from talkstream.engine.avatar import load_avatar_source, prepare_avatar_source
         from talkstream.engine.checkpoint import Models
-        from talkstream.engine.pipeline import Engine
-        from talkstream.streaming.server import warm_up
+        from talkstream.runtime import load_engine
 
         torch.set_num_threads(max(cfg.threads, 1))
         self.cfg = cfg
@@ -93,12 +92,12 @@ class RenderWorker:
         acfg = dataclasses.replace(cfg.engine.avatar, framing=cfg.framing)
         source = load_avatar_source(cfg.image, cfg.landmarks, acfg)
         models = Models.random_init(cfg.engine.preset, seed=0) if cfg.random_init else None
-        self.engine = Engine(cfg.engine, models=models)
+        self.engine = load_engine(cfg.engine, models)
         self.avatar = prepare_avatar_source(
             source, dataclasses.replace(acfg, crop_size=self.engine.crop_size)
         )
-        self.engine.prepare(self.avatar)
-        warm_up(self.engine, self.avatar)
+        self.engine.encode_avatar(self.avatar)
+        self.engine.warmup(self.avatar)
         self.sessions: dict[str, dict[str, Any]] = {}
         self.identity = self._identity()
         log.info("render worker %s ready (%d sessions max)", self.identity, cfg.max_sessions)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from talkstream import _config_io
 from talkstream.config import AudioConfig, SamplerConfig
 from talkstream.engine.denoiser import DenoiserConfig, TalkFormerDenoiser
 from talkstream.engine.motion import AudioToMotion, MotionConfig
@@ -76,17 +77,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _dataclass_from_dict(cls: Any, d: Any, what: str, path: Path) -> Any:
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: '{what}' must be a JSON object, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise CheckpointError(f"{path}: unknown keys in '{what}': {sorted(unknown)}")
+def _section(cls: Any, config: dict[str, Any], what: str, path: Path) -> Any:
+    """The checkpoint config's section ``what`` as ``cls`` (the generic loader's checks)."""
     try:
-        return cls(**d)
-    except TypeError as e:
-        raise CheckpointError(f"{path}: bad '{what}' config: {e}") from None
+        return _config_io.from_dict(cls, config[what], what)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: bad '{what}' config: {e}") from None
 
 
 def save_checkpoint(path: str | Path, models: Models) -> Path:
@@ -163,8 +159,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Mod
         denoiser_cfg = DenoiserConfig.from_dict(config["denoiser"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG_NAME}: bad network config: {e}") from None
-    audio = _dataclass_from_dict(AudioConfig, config["audio"], "audio", path)
-    sampler = _dataclass_from_dict(SamplerConfig, config["sampler"], "sampler", path)
+    audio = _section(AudioConfig, config, "audio", path)
+    sampler = _section(SamplerConfig, config, "sampler", path)
 
     wpath = path / WEIGHTS_NAME
     if not wpath.is_file():

@@ -22,13 +22,14 @@ every frame; ``forward`` never recomputes it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from talkstream import _config_io
 from talkstream.kernels import landmark_attention, warp_blend
 
 __all__ = [
@@ -108,23 +109,14 @@ class DenoiserConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) for checkpoint configs."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return _config_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DenoiserConfig:
-        """Inverse of ``to_dict``. Unknown keys raise ``ValueError``; missing keys take defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown DenoiserConfig keys {unknown}; expected a subset of {sorted(known)}"
-            )
-        kwargs: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
-        }
+        """Inverse of ``to_dict``. Unknown keys or wrong types raise ``ValueError``; missing
+        keys take defaults."""
         # Checkpoints written before the pixel warp existed have no such head.
-        kwargs.setdefault("pixel_warp", False)
-        return cls(**kwargs)
+        return _config_io.from_dict(cls, {"pixel_warp": False, **data})
 
 
 PRESETS: dict[str, DenoiserConfig] = {

@@ -16,13 +16,14 @@ attention, trading accuracy for latency without a new model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from talkstream import _config_io
 from talkstream.config import FPS, HOP_SAMPLES, SAMPLE_RATE_HZ, AudioConfig
 from talkstream.engine.landmarks import MOTION_POINTS
 
@@ -61,15 +62,12 @@ class MotionConfig:
         return PRESETS[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _config_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MotionConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MotionConfig keys {sorted(unknown)}")
-        return cls(**d)
+        """Inverse of ``to_dict``; unknown keys or wrong types raise ``ValueError``."""
+        return _config_io.from_dict(cls, d)
 
 
 PRESETS: dict[str, MotionConfig] = {

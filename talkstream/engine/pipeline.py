@@ -6,6 +6,13 @@ with presentation timestamps, from ``Session.frames()`` (async) or ``Session.ren
 engine's single inference worker thread, never on the caller's event loop; ``push_audio`` only
 runs the audio frontend, which costs microseconds per 20 ms chunk.
 
+Two stages, two owners. ``Engine.render(items) -> Faces`` is pure: plain-data ``RenderItem``s in
+(a session's mel window, landmarks, noise, its avatar's features), face crops and landmarks
+out, on the engine's device. Pasting a crop into the avatar's frame is the caller's post stage
+(``talkstream.engine.compose.Compositor``, one per session), run on the device the crop is on;
+a ``Session`` builds the items and runs its compositor on what the engine returns. On a GPU the
+frame stays on the device until the encoder converts it (``compose.i420_host``).
+
 For barge-in, ``Session.interrupt(at_frame)`` renders the frames from ``at_frame`` on as if the
 audio fell silent there (the audio fed ahead of the display is cut, the face is at rest at once).
 
@@ -24,8 +31,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from importlib import resources
+from itertools import count
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,17 +44,17 @@ from talkstream.config import FPS, SAMPLE_RATE_HZ, EngineConfig
 from talkstream.engine.audio import MelFrontend
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.checkpoint import Models, load_checkpoint
+from talkstream.engine.compose import Compositor, to_host
 from talkstream.engine.denoiser import ReferenceFeatures
 from talkstream.engine.idle import IdleMotion
 from talkstream.engine.motion import MotionStreamer, latency_samples, silence_level
+from talkstream.engine.runtime import LoadedModels, torch_dtype
 from talkstream.engine.sampler import FewStepSampler, NoiseSchedule, session_noise
-from talkstream.export.backends import load_backend
-from talkstream.kernels.post import paste_back
 
 log = logging.getLogger(__name__)
 
 TIME_BASE = Fraction(1, FPS)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WARMUP_AUDIO_S = 1.0  # Engine.warmup(avatar) renders this much speech-like noise
 
 
 def default_checkpoint(preset: str) -> Path | None:
@@ -53,84 +63,185 @@ def default_checkpoint(preset: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def load_models(cfg: EngineConfig) -> Models:
+    """The networks ``cfg`` names: its checkpoint, else the preset's shipped one, else random
+    weights (with a warning: the face region will be noise)."""
+    path = cfg.checkpoint or default_checkpoint(cfg.preset)
+    if path is not None:
+        models = load_checkpoint(path, cfg.device)
+        if cfg.checkpoint is not None and models.preset != cfg.preset:
+            log.info("checkpoint %s is preset %r", path, models.preset)
+        return models
+    log.warning(
+        "no trained checkpoint for preset %r: using randomly initialised weights, "
+        "so the face region will be noise. Pass --checkpoint to use a trained model.",
+        cfg.preset,
+    )
+    return Models.random_init(cfg.preset, sampler=cfg.sampler)
+
+
+def make_sampler(models: Models, cfg: EngineConfig) -> FewStepSampler:
+    """The few-step sampler an engine runs: the models' noise schedule, ``cfg``'s step count."""
+    return FewStepSampler(NoiseSchedule(models.sampler), cfg.sampler.steps)
+
+
 @dataclass(frozen=True)
 class Frame:
-    """One output video frame."""
+    """One output video frame.
 
-    image: np.ndarray  # (H, W, 3) uint8 RGB, the full frame
+    ``image`` is the full (H, W, 3) uint8 RGB frame on the device it was composed on: a numpy
+    array from a CPU engine; a torch uint8 CUDA tensor from a GPU engine (it stays on the GPU:
+    convert it for the encoder there with ``compose.i420_host``, or take :meth:`to_host`).
+    """
+
+    image: Any  # (H, W, 3) uint8 RGB: np.ndarray on the CPU, torch.Tensor on a GPU
     pts: int  # frame index from the session's start
-    landmarks: np.ndarray  # (68, 2) target landmarks in normalised crop coords
+    landmarks: np.ndarray  # (68, 2) target landmarks in normalised crop coords (host)
     time_base: Fraction = TIME_BASE
 
     @property
     def time_s(self) -> float:
         return float(self.pts * self.time_base)
 
+    @property
+    def on_device(self) -> bool:
+        """True when ``image`` is a GPU tensor (not a host numpy array)."""
+        return not isinstance(self.image, np.ndarray)
 
-@dataclass
-class PreparedAvatar:
-    """An avatar plus what the denoiser reuses every frame (computed once)."""
+    def to_host(self) -> np.ndarray:
+        """``image`` as a host numpy array (itself on the CPU; one copy from a GPU)."""
+        return to_host(self.image)
 
-    avatar: Avatar
-    ref: ReferenceFeatures
-    neutral: np.ndarray  # (68, 2) normalised crop coords
+
+@dataclass(frozen=True)
+class AvatarFeatures:
+    """What the denoiser reuses every frame of an avatar: ``Engine.encode_avatar``, once."""
+
+    key: str  # the avatar's content key (Avatar.key)
+    ref: ReferenceFeatures  # tensors on the engine's device, in its dtype
+    neutral: np.ndarray  # (68, 2) float32 rest landmarks, normalised crop coords (host)
+
+
+@dataclass(frozen=True, eq=False)
+class RenderItem:
+    """One frame to render: plain data, everything ``Engine.render`` reads.
+
+    Built by ``Session.take_ready``; it holds no session and no callback, so rendering the same
+    items twice gives the same faces, and the engine never touches a session.
+    """
+
+    stream: int  # Session.id of the stream it belongs to
+    pts: int  # frame index from the stream's start
+    window: np.ndarray  # (W, R, n_mels) float32 mel window of the frame
+    lookahead: int  # the stream's lookahead in frames
+    idle_offset: np.ndarray  # (68, 2) float32 idle motion (blinks, sway) of the frame
+    features: AvatarFeatures  # the avatar's reference features
+    noise: torch.Tensor  # (1, 3, S, S) the stream's fixed noise, engine device and dtype
+
+
+@dataclass(frozen=True)
+class Faces:
+    """What ``Engine.render`` returns for N items: face crops and their landmarks."""
+
+    crops: Any  # (N, S, S, 3) uint8 RGB: np.ndarray on a CPU engine, torch CUDA tensor on a GPU
+    landmarks: np.ndarray  # (N, 68, 2) float32 target landmarks, normalised crop coords (host)
+
+    def __len__(self) -> int:
+        return len(self.landmarks)
+
+    def __getitem__(self, index: slice) -> Faces:
+        """A slice of the batch (views, no copies)."""
+        if not isinstance(index, slice):
+            raise TypeError("index Faces with a slice (faces.crops[i] is one crop)")
+        return Faces(self.crops[index], self.landmarks[index])
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a ``Session`` needs from its engine (``Engine.session_spec``)."""
+
+    audio: Any  # AudioConfig: the mel frontend's settings
+    motion: Any  # MotionConfig: the motion model's window and lookahead
+    idle: Any  # IdleConfig
+    seed: int  # default noise / idle seed
+    lookahead: int | None  # default lookahead in frames (None: the model's)
+    crop_size: int  # S
+    device: torch.device
+    dtype: torch.dtype
+
+
+_stream_ids = count(1)
 
 
 class Engine:
-    """Loaded networks, shared by every session. Thread-safe; one inference worker."""
+    """Loaded networks, shared by every session. Thread-safe; one inference worker.
 
-    def __init__(self, cfg: EngineConfig | None = None, models: Models | None = None) -> None:
-        self.cfg = cfg = cfg or EngineConfig()
-        if cfg.dtype not in _DTYPES:
-            raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(_DTYPES)}")
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+    Build one with ``talkstream.runtime.load_engine(cfg)``: it loads the checkpoint and the
+    backend the config names and passes the loaded runtime here.
+    """
+
+    def __init__(
+        self, cfg: EngineConfig, runtime: LoadedModels, models: Models | None = None
+    ) -> None:
+        """An engine over ``runtime`` (a loaded backend, see ``talkstream.engine.runtime``)
+        running ``models`` (default: the runtime's own), as ``cfg`` says."""
+        self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.dtype = _DTYPES[cfg.dtype]
-        if models is None:
-            models = self._load_models(cfg)
+        self.dtype = torch_dtype(cfg.dtype)
+        models = runtime.models if models is None else models
+        if models is not runtime.models:
+            raise ValueError("the runtime was loaded with other models than the engine's")
+        if (runtime.device, runtime.dtype) != (self.device, self.dtype):
+            raise ValueError(
+                f"the runtime runs on {runtime.device} ({runtime.dtype}) but the config says "
+                f"{self.device} ({self.dtype}); load it with LoadOptions.from_config(cfg)"
+            )
         self.models = models
         self.random_init = bool(models.meta.get("random_init"))
+        # The eager modules stay for their configs and the once-per-avatar reference encoding;
+        # motion and denoiser calls per frame go through the runtime.
         self.motion = models.motion.to(self.device).eval()
         self.denoiser = models.denoiser.to(self.device, self.dtype).eval()
         self.audio_cfg = models.audio
-        self.schedule = NoiseSchedule(models.sampler)
-        self.sampler = FewStepSampler(self.schedule, cfg.sampler.steps)
-        # Motion and denoiser calls go through the backend (eager for "torch"); the modules
-        # above stay for their configs and the once-per-avatar reference encoding. Artifacts
-        # (ONNX graphs, engines) are cached under the same root as prepared avatars.
-        self.backend = load_backend(
-            cfg.backend,
-            models,
-            cfg.device,
-            dtype=cfg.dtype,
-            cache_dir=cfg.avatar.cache_dir,
-            threads=cfg.threads,
-            sampler=self.sampler,
-            lookaheads=() if cfg.lookahead_frames is None else (cfg.lookahead_frames,),
-            # Artifacts must take every batch the engine coalesces (Engine.submit).
-            max_batch=cfg.max_batch_frames,
-            precision=cfg.tensorrt_precision,
-        )
+        self.sampler = make_sampler(models, cfg)
+        self.schedule = self.sampler.schedule
+        self.backend = runtime
         self.crop_size = self.denoiser.cfg.image_size
         self._lock = threading.Lock()  # one model call at a time
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="talkstream-infer")
         # Requests of Engine.submit waiting for the worker; it drains them in batches.
-        self._pending: list[tuple[list[RenderItem], Future[list[Frame]]]] = []
+        self._pending: list[_Request] = []
         self._pending_lock = threading.Lock()
         self._draining = False
         self.batches_rendered = 0  # engine calls made by submit()
-        self._prepared: dict[str, PreparedAvatar] = {}
+        self._features: dict[str, AvatarFeatures] = {}  # Engine.encode_avatar, by avatar key
         self.warmup_s = self.warmup() if cfg.warmup else 0.0
 
-    def warmup(self) -> float:
-        """Run every per-frame network once on dummy inputs; returns the seconds it took.
+    def warmup(self, avatar: Avatar | None = None, seconds: float = WARMUP_AUDIO_S) -> float:
+        """Warm up; returns the seconds it took. The one warm-up every caller uses.
 
+        Without ``avatar`` (at load, when ``cfg.warmup``): every per-frame network runs once on
+        dummy inputs. With ``avatar`` (before serving it): ``seconds`` of speech-like noise are
+        rendered through a session one frame at a time, as a live stream renders, so the whole
+        per-frame path (motion, denoiser, paste-back, the avatar's reference features) has run.
         First calls pay for lazy imports (the custom ops pull in sympy), kernel selection and,
         for compiled backends, compilation: a start-up phase of its own, never charged to a
         user's first frame.
         """
         t0 = time.perf_counter()
+        if avatar is not None:
+            session = self.session(avatar)
+            rng = np.random.default_rng(0)
+            n_samples = int(seconds * SAMPLE_RATE_HZ)
+            session.push_audio(
+                (0.1 * rng.standard_normal(n_samples)).astype(np.float32), SAMPLE_RATE_HZ
+            )
+            session.end_audio()
+            session.max_batch = 1  # live streams render one or two frames at a time
+            n = 0
+            while session.has_ready() and n < seconds * FPS:
+                n += len(session.render_ready())
+            return time.perf_counter() - t0
         mcfg = self.motion.cfg
         s = self.crop_size
         with self._lock, torch.inference_mode():
@@ -148,21 +259,6 @@ class Engine:
             self.backend.sample(self.sampler, noise, neutral.to(self.dtype), ref)
         return time.perf_counter() - t0
 
-    @staticmethod
-    def _load_models(cfg: EngineConfig) -> Models:
-        path = cfg.checkpoint or default_checkpoint(cfg.preset)
-        if path is not None:
-            models = load_checkpoint(path, cfg.device)
-            if cfg.checkpoint is not None and models.preset != cfg.preset:
-                log.info("checkpoint %s is preset %r", path, models.preset)
-            return models
-        log.warning(
-            "no trained checkpoint for preset %r: using randomly initialised weights, "
-            "so the face region will be noise. Pass --checkpoint to use a trained model.",
-            cfg.preset,
-        )
-        return Models.random_init(cfg.preset, sampler=cfg.sampler)
-
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.backend.close()
@@ -175,76 +271,93 @@ class Engine:
 
     # -- avatars -------------------------------------------------------------------------------
 
-    def prepare(self, avatar: Avatar) -> PreparedAvatar:
-        """Reference features of ``avatar``, computed once and cached by its content key."""
+    def encode_avatar(self, avatar: Avatar) -> AvatarFeatures:
+        """The denoiser's reference features of ``avatar`` on this engine's device.
+
+        Computed once per avatar and cached by its content key. (``prepare_avatar`` turns a
+        photo into an ``Avatar`` on the host; this encodes that avatar for the networks.)
+        """
         if avatar.crop_size != self.crop_size:
             raise ValueError(
                 f"avatar crop is {avatar.crop_size}px but the {self.models.preset!r} model "
                 f"renders {self.crop_size}px; prepare the avatar with crop_size={self.crop_size}"
             )
-        hit = self._prepared.get(avatar.key)
+        hit = self._features.get(avatar.key)
         if hit is not None:
             return hit
         crop = torch.from_numpy(avatar.crop).to(self.device).permute(2, 0, 1)[None]  # (1,3,S,S)
         crop = crop.to(self.dtype) / 127.5 - 1.0
         with self._lock, torch.inference_mode():
             ref = self.denoiser.encode_reference(crop)
-        prepared = PreparedAvatar(avatar, ref, avatar.neutral_normalized())
-        self._prepared[avatar.key] = prepared
-        return prepared
+        features = AvatarFeatures(avatar.key, ref, avatar.neutral_normalized())
+        self._features[avatar.key] = features
+        return features
+
+    @property
+    def session_spec(self) -> SessionSpec:
+        """What a Session needs to build render items for this engine."""
+        return SessionSpec(
+            audio=self.audio_cfg,
+            motion=self.motion.cfg,
+            idle=self.cfg.idle,
+            seed=self.cfg.sampler.seed,
+            lookahead=self.cfg.lookahead_frames,
+            crop_size=self.crop_size,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
     def session(
         self, avatar: Avatar, *, seed: int | None = None, lookahead: int | None = None
     ) -> Session:
         """A new streaming session speaking with ``avatar``."""
-        return Session(self, self.prepare(avatar), seed=seed, lookahead=lookahead)
+        return Session(self, avatar, seed=seed, lookahead=lookahead)
 
     # -- inference -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def render(self, items: Sequence[RenderItem]) -> list[Frame]:
-        """Motion, denoiser and paste-back for a batch of frames (of one or more sessions)."""
+    def render(self, items: Sequence[RenderItem]) -> Faces:
+        """Motion and denoiser for a batch of frames (of one or more streams): face crops out.
+
+        Pure: reads only ``items`` and the networks; the crops stay on the engine's device
+        (numpy on the CPU, a torch tensor on a GPU). Pasting them into frames is the caller's
+        post stage (``Session.compose``).
+        """
         if not items:
-            return []
+            s = self.crop_size
+            empty = np.empty((0, s, s, 3), np.uint8)
+            return Faces(empty, np.empty((0, 68, 2), np.float32))
         dev = self.device
         windows = torch.from_numpy(np.stack([it.window for it in items])).to(dev)  # (N,W,R,80)
-        neutral_np = np.stack([it.session.prepared.neutral for it in items])  # (N, 68, 2)
+        neutral_np = np.stack([it.features.neutral for it in items])  # (N, 68, 2)
         neutral = torch.from_numpy(neutral_np).to(dev)
         with self._lock:
             disp = torch.empty(len(items), *self.motion.head_shape, device=dev)  # (N, 37, 2)
-            for la in sorted({it.session.lookahead for it in items}):
-                sel = [i for i, it in enumerate(items) if it.session.lookahead == la]
+            for la in sorted({it.lookahead for it in items}):
+                sel = [i for i, it in enumerate(items) if it.lookahead == la]
                 disp[sel] = self.backend.motion(windows[sel], neutral[sel], la)
             target = self.motion.apply_displacement(neutral, disp)  # (N, 68, 2)
-            idle = np.stack([it.session.idle.offset(it.pts) for it in items])  # (N, 68, 2)
+            idle = np.stack([it.idle_offset for it in items])  # (N, 68, 2)
             target = target + torch.from_numpy(idle).to(dev)
-            crops = self._denoise(items, target)  # (N, S, S, 3) uint8
-        landmarks = target.float().cpu().numpy()
-        frames = []
-        for i, it in enumerate(items):
-            image = it.session.output_buffer()
-            paste_back(
-                it.session.prepared.avatar.image,
-                crops[i],
-                it.session.pmap,
-                out=image,
-                out_has_background=True,
-            )
-            frames.append(Frame(image=image, pts=it.pts, landmarks=landmarks[i]))
-        return frames
+            crops = self._denoise(items, target)  # (N, S, S, 3) uint8, on the engine's device
+        return Faces(crops, target.float().cpu().numpy())
 
-    def submit(self, items: Sequence[RenderItem]) -> Future[list[Frame]]:
+    def submit(
+        self, items: Sequence[RenderItem], then: Callable[[Faces], Any] | None = None
+    ) -> Future[Any]:
         """Render ``items`` in the worker, coalesced with whatever other callers submitted.
 
         Every request that is waiting when the worker becomes free goes into one
         :meth:`render` call (up to ``cfg.max_batch_frames`` frames): concurrent streams share
         a batch instead of queueing one engine call each, and nothing waits for a batch to
-        fill. The future gets exactly this request's frames, in order; a request cancelled
-        before the worker takes it is never rendered.
+        fill. The future gets exactly this request's ``Faces``, in order, or, with ``then``,
+        what ``then(faces)`` returns: the worker calls it right after the batch (a session's
+        post stage runs there, off the caller's event loop). A request cancelled before the
+        worker takes it is never rendered.
         """
-        fut: Future[list[Frame]] = Future()
+        fut: Future[Any] = Future()
         with self._pending_lock:
-            self._pending.append((list(items), fut))
+            self._pending.append(_Request(list(items), then, fut))
             start = not self._draining
             self._draining = True
         if start:
@@ -256,20 +369,20 @@ class Engine:
                 raise
         return fut
 
-    def _take_pending(self) -> list[tuple[list[RenderItem], Future[list[Frame]]]]:
+    def _take_pending(self) -> list[_Request]:
         """The next batch of requests (within max_batch_frames, at least one request); [] when
         none is left, and then the worker counts as idle (the next submit schedules it)."""
         with self._pending_lock:
-            taken: list[tuple[list[RenderItem], Future[list[Frame]]]] = []
+            taken: list[_Request] = []
             n = 0
             while self._pending:
-                items, fut = self._pending[0]
-                if taken and n + len(items) > self.cfg.max_batch_frames:
+                req = self._pending[0]
+                if taken and n + len(req.items) > self.cfg.max_batch_frames:
                     break
                 self._pending.pop(0)
-                if fut.set_running_or_notify_cancel():
-                    taken.append((items, fut))
-                    n += len(items)
+                if req.future.set_running_or_notify_cancel():
+                    taken.append(req)
+                    n += len(req.items)
             if not taken:
                 self._draining = False  # nothing left (every waiting request was cancelled)
             return taken
@@ -279,46 +392,63 @@ class Engine:
             taken = self._take_pending()
             if not taken:
                 return
-            items = [it for req, _ in taken for it in req]
+            items = [it for req in taken for it in req.items]
             try:
-                frames = self.render(items)
+                faces = self.render(items)
             except BaseException as e:  # every waiter hears about it; the worker goes on
-                for _, fut in taken:
-                    fut.set_exception(e)
+                for req in taken:
+                    req.future.set_exception(e)
                 continue
             self.batches_rendered += 1
             k = 0
-            for req, fut in taken:
-                fut.set_result(frames[k : k + len(req)])
-                k += len(req)
+            for req in taken:
+                mine = faces[k : k + len(req.items)]
+                k += len(req.items)
+                if req.then is None:
+                    req.future.set_result(mine)
+                    continue
+                try:
+                    result = req.then(mine)
+                except BaseException as e:  # this request's post stage failed: only its waiter
+                    req.future.set_exception(e)
+                else:
+                    req.future.set_result(result)
 
-    def _denoise(self, items: Sequence[RenderItem], target: torch.Tensor) -> np.ndarray:
+    def _denoise(self, items: Sequence[RenderItem], target: torch.Tensor) -> Any:
+        """(N, S, S, 3) uint8 crops: numpy on the CPU; on a GPU a torch tensor that stays there."""
+        n, s = len(items), self.crop_size
+        on_cpu = self.device.type == "cpu"
+        if on_cpu:
+            out: Any = np.empty((n, s, s, 3), dtype=np.uint8)
+        else:
+            out = torch.empty((n, s, s, 3), dtype=torch.uint8, device=self.device)
         # Group by avatar: one reference batch broadcast over the group's frames.
-        out = np.empty((len(items), self.crop_size, self.crop_size, 3), dtype=np.uint8)
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(it.session.prepared.avatar.key, []).append(i)
+            groups.setdefault(it.features.key, []).append(i)
         for idx in groups.values():
-            ref = items[idx[0]].session.prepared.ref
-            noise = torch.cat([items[i].session.noise for i in idx])  # (n, 3, S, S)
+            ref = items[idx[0]].features.ref
+            noise = torch.cat([items[i].noise for i in idx])  # (n, 3, S, S)
             lm = target[idx].to(self.dtype)  # (n, 68, 2)
             x0 = self.backend.sample(self.sampler, noise, lm, ref)  # (n, 3, S, S)
-            if x0.device.type == "cpu":
+            if on_cpu:
                 # numpy, single-threaded: a torch op this size would wake torch's OpenMP pool,
                 # whose threads then spin and contend with the backend's own next call.
                 a = x0.float().numpy().transpose(0, 2, 3, 1)  # (n, S, S, 3)
                 out[idx] = np.rint((np.clip(a, -1.0, 1.0) + 1.0) * 127.5)
-            else:  # on the GPU, convert there and copy back a quarter of the bytes
+            else:  # on the GPU, and there it stays: the post stage pastes it on the device
                 img = ((x0.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                out[idx] = img.permute(0, 2, 3, 1).cpu().numpy()  # (n, S, S, 3)
+                out[idx] = img.permute(0, 2, 3, 1)  # (n, S, S, 3)
         return out
 
 
-@dataclass
-class RenderItem:
-    session: Session
-    pts: int
-    window: np.ndarray  # (W, R, n_mels)
+@dataclass(frozen=True)
+class _Request:
+    """One ``Engine.submit`` call waiting for the worker."""
+
+    items: list[RenderItem]
+    then: Callable[[Faces], Any] | None
+    future: Future[Any]
 
 
 class Session:
@@ -326,6 +456,10 @@ class Session:
 
     ``push_audio`` may be called from any thread (a pyaudio callback, an event loop); frames are
     produced in order, each exactly once, by either ``frames()`` or ``render_ready()``.
+
+    A session builds plain ``RenderItem``s (``take_ready``), has the engine render them (its
+    public ``render``/``submit``), and pastes the faces into frames with its own
+    ``compositor``, the post stage (``compose``).
     """
 
     time_base = TIME_BASE
@@ -333,24 +467,33 @@ class Session:
     def __init__(
         self,
         engine: Engine,
-        prepared: PreparedAvatar,
+        avatar: Avatar,
         *,
         seed: int | None = None,
         lookahead: int | None = None,
         max_batch: int = 8,
+        compositor: Compositor | None = None,
     ) -> None:
+        spec = engine.session_spec
         self.engine = engine
-        self.prepared = prepared
-        self.seed = engine.cfg.sampler.seed if seed is None else seed
-        la = engine.cfg.lookahead_frames if lookahead is None else lookahead
-        self.frontend = MelFrontend(engine.audio_cfg)
-        self.streamer = MotionStreamer(engine.motion.cfg, silence_level(engine.audio_cfg), la)
+        self.id = next(_stream_ids)  # RenderItem.stream of this session's items
+        self.avatar = avatar
+        self.features = engine.encode_avatar(avatar)
+        self.compositor = compositor if compositor is not None else Compositor(avatar)
+        self.seed = spec.seed if seed is None else seed
+        la = spec.lookahead if lookahead is None else lookahead
+        self._audio_cfg = spec.audio
+        self._motion_cfg = spec.motion
+        self.frontend = MelFrontend(spec.audio)
+        self.streamer = MotionStreamer(spec.motion, silence_level(spec.audio), la)
         self.lookahead = self.streamer.lookahead
-        self.idle = IdleMotion(prepared.neutral, engine.cfg.idle, self.seed)
-        s = engine.crop_size
+        self.idle = IdleMotion(self.features.neutral, spec.idle, self.seed)
+        s = spec.crop_size
         # One noise tensor for the whole session: the same noise every frame, no flicker.
-        self.noise = session_noise((1, 3, s, s), self.seed, engine.device, engine.dtype)
-        self.pmap = prepared.avatar.paste
+        self.noise = session_noise((1, 3, s, s), self.seed, spec.device, spec.dtype)
+        # Most frames of this session one take_ready (one render call) claims; streams set it
+        # (StreamConfig.frames_per_call), offline rendering keeps 8. The engine's own limit,
+        # EngineConfig.max_batch_frames, caps what submit() coalesces across sessions.
         self.max_batch = max_batch
         self._lock = threading.Lock()
         self._ended = False
@@ -399,7 +542,7 @@ class Session:
         sample counters go on unchanged: the caller keeps pushing audio where it left off
         (silence, or the next speech). Thread-safe, like ``push_audio``.
         """
-        acfg = self.engine.audio_cfg
+        acfg = self._audio_cfg
         with self._lock:
             fe = self.frontend
             # Speech fed so far ends at samples_received_16k plus what the resampler still
@@ -430,22 +573,19 @@ class Session:
         Lookahead, the motion token's future mel rows, half an STFT window and the resampler's
         delay; compute, encode and network come on top.
         """
-        samples = latency_samples(self.engine.motion.cfg, self.engine.audio_cfg, self.lookahead)
-        return (samples + self.frontend.latency_samples_16k - self.engine.audio_cfg.n_fft // 2) / (
+        samples = latency_samples(self._motion_cfg, self._audio_cfg, self.lookahead)
+        return (samples + self.frontend.latency_samples_16k - self._audio_cfg.n_fft // 2) / (
             SAMPLE_RATE_HZ
         )
 
     # -- output --------------------------------------------------------------------------------
 
-    def output_buffer(self) -> np.ndarray:
-        """A frame buffer holding the avatar's background, for the next frame."""
-        return self.prepared.avatar.image.copy()
-
     def take_ready(self) -> list[RenderItem]:
-        """Claim up to ``max_batch`` ready frames, unrendered.
+        """Claim up to ``max_batch`` ready frames, unrendered, as plain render items.
 
         Pass the items of one or more sessions to ``Engine.render`` (one batched call for all
-        sessions that are due together); each frame is claimed exactly once.
+        sessions that are due together), then each session's share of the faces to its
+        :meth:`compose`; each frame is claimed exactly once.
         """
         return self._take_ready()[0]
 
@@ -454,7 +594,24 @@ class Session:
         with self._lock:
             frames, windows = self.streamer.ready_windows(self.max_batch)
             interrupts = self.interrupts
-        return [RenderItem(self, t, windows[i]) for i, t in enumerate(frames)], interrupts
+            items = [
+                RenderItem(
+                    stream=self.id,
+                    pts=t,
+                    window=windows[i],
+                    lookahead=self.lookahead,
+                    idle_offset=self.idle.offset(t),
+                    features=self.features,
+                    noise=self.noise,
+                )
+                for i, t in enumerate(frames)
+            ]
+        return items, interrupts
+
+    def compose(self, items: Sequence[RenderItem], faces: Faces) -> list[Frame]:
+        """The post stage: paste ``faces`` (rendered from this session's ``items``) into frames,
+        on the faces' device."""
+        return self.compositor.frames(items, faces)
 
     def has_ready(self) -> bool:
         with self._lock:
@@ -482,7 +639,10 @@ class Session:
 
     def render_ready(self) -> list[Frame]:
         """Render up to ``max_batch`` ready frames in the calling thread (offline use)."""
-        return self.engine.render(self.take_ready())
+        items = self.take_ready()
+        if not items:
+            return []
+        return self.compose(items, self.engine.render(items))
 
     async def frames(self, skip_before: Callable[[], int] | None = None) -> AsyncIterator[Frame]:
         """Frames as their audio arrives, rendered in the engine's worker; ends after end_audio.
@@ -501,8 +661,10 @@ class Session:
             if self.has_ready():
                 items, interrupts = self._take_ready()
                 t0 = time.perf_counter()
-                # Coalesced with other sessions' due frames into one engine call.
-                rendered = await asyncio.wrap_future(self.engine.submit(items), loop=loop)
+                # Coalesced with other sessions' due frames into one engine call; the post
+                # stage (paste-back) runs in the engine's worker too, off this loop.
+                fut = self.engine.submit(items, then=partial(self.compose, items))
+                rendered = await asyncio.wrap_future(fut, loop=loop)
                 self.render_wall_s = (time.perf_counter() - t0) / max(len(rendered), 1)
                 if self.interrupts != interrupts:
                     # Interrupted meanwhile: frames from the cut on are rendered again.

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 from tqdm import tqdm
 
 from talkstream.busy import SlowdownHint
-from talkstream.config import FPS, SAMPLE_RATE_HZ, RenderConfig
+from talkstream.config import FPS, SAMPLE_RATE_HZ, AvatarConfig, Config, EngineConfig, RenderConfig
 from talkstream.engine.audio import AudioFileReader
 from talkstream.engine.avatar import (
     Avatar,
@@ -34,6 +35,7 @@ from talkstream.engine.avatar import (
     load_avatar_source,
     prepare_avatar_source,
 )
+from talkstream.engine.compose import i420_host
 from talkstream.engine.motion import frames_for_samples
 from talkstream.engine.pipeline import Engine, Frame
 from talkstream.errors import InputError
@@ -63,19 +65,20 @@ class RenderResult:
         return self.frames / self.wall_s if self.wall_s > 0 else float("inf")
 
 
-def load_source_for_render(cfg: RenderConfig) -> AvatarSource:
+def load_source_for_render(cfg: RenderConfig, avatar: AvatarConfig) -> AvatarSource:
     """The photo the render config names (the bundled astronaut by default), its face found and
-    judged: an unusable photo fails here, before any model loads."""
-    return load_avatar_source(cfg.image, cfg.landmarks, cfg.engine.avatar)
+    judged by the engine section's ``avatar`` settings: an unusable photo fails here, before
+    any model loads."""
+    return load_avatar_source(cfg.image, cfg.landmarks, avatar)
 
 
 def load_avatar_for_render(
-    cfg: RenderConfig, crop_size: int, source: AvatarSource | None = None
+    cfg: RenderConfig, avatar: AvatarConfig, crop_size: int, source: AvatarSource | None = None
 ) -> Avatar:
-    """The avatar the render config names, framed by ``cfg.engine.avatar.framing``."""
-    acfg = dataclasses.replace(cfg.engine.avatar, crop_size=crop_size)
+    """The avatar the render config names, framed by ``avatar.framing``."""
+    acfg = dataclasses.replace(avatar, crop_size=crop_size)
     if source is None:
-        source = load_source_for_render(cfg)
+        source = load_source_for_render(cfg, avatar)
     return prepare_avatar_source(source, acfg)
 
 
@@ -195,11 +198,18 @@ class Mp4Writer:
         for f in frames:
             self.container.mux(self.astream.encode(f))
 
-    def write_video(self, image: np.ndarray, pts: int) -> None:
-        """Encode one (H, W, 3) uint8 RGB frame shown at ``pts`` / 25 s."""
+    def write_video(self, image: Any, pts: int) -> None:
+        """Encode one (H, W, 3) uint8 RGB frame shown at ``pts`` / 25 s.
+
+        ``image`` is a numpy array, or a GPU tensor (``Frame.image`` of a GPU engine): that one
+        is converted to yuv420p on its device and only the planes come to the host.
+        """
         h2, w2 = self.size
-        img = image if image.shape[:2] == (h2, w2) else image[:h2, :w2]
-        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        img = image if tuple(image.shape[:2]) == (h2, w2) else image[:h2, :w2]
+        if isinstance(img, np.ndarray):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        else:
+            vf = av.VideoFrame.from_ndarray(i420_host(img), format="yuv420p")
         vf.pts = pts
         vf.time_base = Fraction(1, FPS)
         self.container.mux(self.vstream.encode(vf))
@@ -227,23 +237,32 @@ class Mp4Writer:
 
 
 def render_to_file(
-    cfg: RenderConfig,
-    engine: Engine | None = None,
+    root: Config,
+    engine: Engine | Callable[[EngineConfig], Engine],
     on_frame: Callable[[Frame], None] | None = None,
 ) -> RenderResult:
-    """Render ``cfg.audio`` spoken by ``cfg.image`` into ``cfg.out``; returns what was written."""
+    """Render ``root.render``: its ``audio`` spoken by its ``image`` into its ``out``; returns
+    what was written. The photo is prepared with ``root.engine.avatar``.
+
+    ``engine``: a loaded engine (left open), or a loader such as
+    ``talkstream.runtime.load_engine``, called with ``root.engine`` once the inputs passed their
+    checks (the engine it returns is closed at the end).
+    """
+    cfg = root.render
+    if cfg is None:
+        raise ValueError("render_to_file needs a config with a render section")
     out = Path(cfg.out)
     check_out_path(out)
     audio_path = cfg.audio if cfg.audio is not None else default_audio_path()
     # Open the inputs before loading any model: bad inputs fail fast.
     reader = AudioFileReader(audio_path)
-    own_engine = engine is None
+    own_engine = not isinstance(engine, Engine)
     eng: Engine | None = None
     try:
         reader.check_finite()
-        source = load_source_for_render(cfg)
-        eng = engine if engine is not None else Engine(cfg.engine)
-        avatar = load_avatar_for_render(cfg, eng.crop_size, source)
+        source = load_source_for_render(cfg, root.engine.avatar)
+        eng = engine if isinstance(engine, Engine) else engine(root.engine)
+        avatar = load_avatar_for_render(cfg, root.engine.avatar, eng.crop_size, source)
         return _render(cfg, eng, avatar, reader, out, on_frame)
     finally:
         reader.close()

@@ -39,7 +39,13 @@ def add_parser(
     )
     add_engine_args(e)
     e.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
-    e.add_argument("--max-batch", type=int, default=8, help="largest batch the artifacts take (8)")
+    e.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="largest batch the artifacts take (default: the engine's coalescing limit, "
+        "max_batch_frames, so that serve finds what export built)",
+    )
     e.add_argument(
         "--lookaheads",
         default=None,
@@ -76,8 +82,8 @@ def _cmd_export(a: argparse.Namespace, cfg: Any) -> int:
     import torch
 
     from talkstream.engine.checkpoint import Models, load_checkpoint
-    from talkstream.engine.pipeline import default_checkpoint
-    from talkstream.engine.sampler import FewStepSampler, NoiseSchedule
+    from talkstream.engine.pipeline import default_checkpoint, make_sampler
+    from talkstream.engine.runtime import LoadOptions
     from talkstream.export.backends import get_backend, select_backend
     from talkstream.export.cache import ArtifactCache
 
@@ -108,8 +114,7 @@ def _cmd_export(a: argparse.Namespace, cfg: Any) -> int:
     else:
         print(f"warning: no trained checkpoint for preset {cfg.preset!r}: exporting random weights")
         models = Models.random_init(cfg.preset, sampler=cfg.sampler)
-    schedule = NoiseSchedule(models.sampler)
-    sampler = FewStepSampler(schedule, cfg.sampler.steps)
+    sampler = make_sampler(models, cfg)
     if a.lookaheads:
         lookaheads = tuple(int(x) for x in a.lookaheads.split(","))
     elif cfg.lookahead_frames is not None:
@@ -121,18 +126,19 @@ def _cmd_export(a: argparse.Namespace, cfg: Any) -> int:
 
     t0 = time.perf_counter()
     print(f"[export] backend {name}, preset {models.preset}, device {cfg.device}, {cfg.dtype}")
-    loaded = get_backend(name).load(
-        models,
-        cfg.device,
-        dtype=cfg.dtype,
-        cache_dir=cache_root,
-        rebuild=a.rebuild,
-        max_batch=a.max_batch,
-        sampler=sampler,
+    # The engine's own load options (max_batch, precision, cache), so that what is built here
+    # is what load_engine finds in the cache.
+    extra = {} if a.max_batch is None else {"max_batch": a.max_batch}
+    options = LoadOptions.from_config(
+        cfg,
+        sampler,
         lookaheads=lookaheads,
+        rebuild=a.rebuild,
         trt_plugins=a.trt_plugins,
         progress=lambda msg: print(f"[export] {msg}", flush=True),
+        **extra,
     )
+    loaded = get_backend(name).load(models, options=options)
     try:
         print(f"[export] ready in {time.perf_counter() - t0:.1f} s: {loaded.describe()}")
         if not a.no_verify:

@@ -53,22 +53,25 @@ from torch import Tensor
 from talkstream import __version__
 from talkstream.engine.checkpoint import Models
 from talkstream.engine.denoiser import ReferenceFeatures
+from talkstream.engine.runtime import DTYPES, PRECISIONS, LoadedModels, LoadOptions
 from talkstream.engine.sampler import FewStepSampler
-from talkstream.export.backends import (
-    LoadedModels,
-    LoadOptions,
-    OnnxGraphs,
-    _import,
-    _reject_ref_batch,
-    _sampler_key,
-)
+from talkstream.errors import MissingDependencyError
 from talkstream.export.cache import ArtifactCache
+from talkstream.export.common import (
+    BaseBackend,
+    OnnxGraphs,
+    device_type,
+    import_optional,
+    reject_ref_batch,
+    sampler_key,
+)
 from talkstream.export.onnx import BATCH, GraphSpec, example_inputs
 
 __all__ = [
     "PRECISIONS",
     "SUPPORTED_MAJORS",
     "BuildPlan",
+    "TensorRTBackend",
     "TensorRTBuildError",
     "TensorRTModels",
     "TrtEngine",
@@ -81,7 +84,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
 DEFAULT_PRECISION = "fp16"
 SUPPORTED_MAJORS = (10, 11)
 # Where TensorRT comes from: the tensorrt-cu12 / tensorrt-cu13 wheels (one per CUDA major), on
@@ -379,7 +381,7 @@ class TypedOnnxGraphs(OnnxGraphs):
     graph_dtype: str = "float32"
 
     def _dtype(self) -> torch.dtype:
-        return {"float32": torch.float32, "float16": torch.float16}[self.graph_dtype]
+        return DTYPES[self.graph_dtype]
 
     def denoiser_step(self) -> tuple[Any, Path]:
         if self.graph_dtype == "float32":
@@ -388,7 +390,7 @@ class TypedOnnxGraphs(OnnxGraphs):
 
         den = self.models.denoiser
         spec = ox.denoiser_step_spec(len(den.cfg.widths), self.plugins)
-        return spec, self._get(
+        return spec, self.get(
             spec,
             lambda p: ox.export_denoiser_step(den, p, plugins=self.plugins, dtype=self._dtype()),
             {"graph_dtype": self.graph_dtype},
@@ -406,7 +408,7 @@ class TypedOnnxGraphs(OnnxGraphs):
             "T": sampler.schedule.num_timesteps,
             "graph_dtype": self.graph_dtype,
         }
-        return spec, self._get(
+        return spec, self.get(
             spec,
             lambda p: ox.export_denoiser_loop(
                 den, sampler, p, plugins=self.plugins, dtype=self._dtype()
@@ -422,7 +424,7 @@ class TensorRTModels(LoadedModels):
 
     def __init__(self, models: Models, options: LoadOptions, precision: str | None = None) -> None:
         super().__init__(models, options)
-        self.trt = _import("tensorrt", "the tensorrt backend", "gpu")
+        self.trt = import_optional("tensorrt", "the tensorrt backend", "gpu")
         # The precision: the argument, else LoadOptions.precision when it has one (the config
         # is to carry it there), else fp16. LoadOptions.dtype is the eager modules' torch
         # dtype, not the engines' precision, so it is not read here.
@@ -492,7 +494,7 @@ class TensorRTModels(LoadedModels):
         return self._engine(f"motion{la}", lambda: self.graphs.motion(la))
 
     def _loop_engine(self, sampler: FewStepSampler) -> TrtEngine:
-        return self._engine(_sampler_key(sampler), lambda: self.graphs.denoiser_loop(sampler))
+        return self._engine(sampler_key(sampler), lambda: self.graphs.denoiser_loop(sampler))
 
     def motion(self, windows: Tensor, neutral: Tensor, lookahead: int | None = None) -> Tensor:
         la = self.models.motion.cfg.lookahead_frames if lookahead is None else lookahead
@@ -500,14 +502,14 @@ class TensorRTModels(LoadedModels):
         return self._motion_engine(la).run((windows, neutral)).to(windows.dtype)
 
     def denoiser(self, x_t: Tensor, t: Tensor, landmarks: Tensor, ref: ReferenceFeatures) -> Tensor:
-        _reject_ref_batch(ref, self.name)
+        reject_ref_batch(ref, self.name)
         engine = self._engine("step", self.graphs.denoiser_step)
         return engine.run((x_t, t, landmarks, ref.patches, *ref.levels)).to(x_t.dtype)
 
     def sample(
         self, sampler: FewStepSampler, noise: Tensor, landmarks: Tensor, ref: ReferenceFeatures
     ) -> Tensor:
-        _reject_ref_batch(ref, self.name)
+        reject_ref_batch(ref, self.name)
         engine = self._loop_engine(sampler)
         return engine.run((noise, landmarks, ref.patches, *ref.levels)).to(noise.dtype)
 
@@ -521,3 +523,26 @@ class TensorRTModels(LoadedModels):
     def close(self) -> None:
         self._engines.clear()
         self.cache.close()
+
+
+class TensorRTBackend(BaseBackend):
+    name = "tensorrt"
+    extra = "gpu"
+    description = "TensorRT engines (fp16 or fp32) built from the ONNX graphs (NVIDIA GPUs)"
+    loaded_class = TensorRTModels
+
+    def check(self, device: str, dtype: str) -> None:
+        missing: MissingDependencyError | None = None
+        try:
+            import_optional("tensorrt", "the tensorrt backend", "gpu")
+        except MissingDependencyError as e:
+            missing = e
+        if device_type(device) != "cuda":
+            # Both problems at once: on a CPU machine doctor should still say what to install.
+            also = f"; and {missing}" if missing is not None else ""
+            raise ValueError(f"TensorRT needs a CUDA device; device is {device!r}{also}")
+        if missing is not None:
+            raise missing
+        super().check(device, dtype)
+        for module in ("onnx", "onnxscript"):
+            import_optional(module, "the tensorrt backend (ONNX export)", "export")

@@ -274,16 +274,16 @@ class TalkstreamVideoService(FrameProcessor):
 
     def _load_blocking(self) -> None:
         if self._engine is None:
-            self._engine = Engine(self._engine_cfg)
+            from talkstream.runtime import load_engine
+
+            self._engine = load_engine(self._engine_cfg)
         engine = self._engine
         if self._avatar is None:
             acfg = dataclasses.replace(self._engine_cfg.avatar, crop_size=engine.crop_size)
             self._avatar = prepare_avatar_source(self._avatar_source(acfg), acfg)
-        engine.prepare(self._avatar)  # reference features: once, never on the event loop
+        engine.encode_avatar(self._avatar)  # reference features: once, never on the event loop
         if self._warmup:
-            from talkstream.streaming.server import warm_up
-
-            took = warm_up(engine, self._avatar)
+            took = engine.warmup(self._avatar)
             log.info("talkstream: warm-up took %.1f s", took)
             self._warmup = False
 

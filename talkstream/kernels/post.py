@@ -2,7 +2,9 @@
 
 One code path for numpy (CPU) and CuPy (GPU): every function takes the array module from its
 inputs (:func:`get_array_module`) and uses only operations both modules share. CuPy is imported
-lazily and only when a CuPy array is passed in, so the CPU install never needs it.
+lazily and only when a CuPy array is passed in, so the CPU install never needs it. For a GPU
+without CuPy, :func:`paste_back_torch` and :func:`rgb_to_i420_torch` do the same arithmetic on
+torch tensors of any device (``talkstream.engine.compose`` picks the path from the frame's device).
 
 The paste-back geometry (which crop pixels land on which frame pixels, and the feathered mask
 resampled into the frame) depends only on the avatar, so it is computed once into a
@@ -130,6 +132,25 @@ class PasteMap:
             src_index=_to_module(self.src_index, xp),
             src_weight=_to_module(self.src_weight, xp),
             alpha=_to_module(self.alpha, xp),
+            frame_hw=self.frame_hw,
+            crop_size=self.crop_size,
+        )
+
+    def to_torch(self, device: Any) -> PasteMap:
+        """Return a copy with the arrays as torch tensors on ``device`` (for
+        :func:`paste_back_torch`); ``src_index`` becomes int64, the index type torch gathers with.
+        """
+        import torch  # lazy: this module stays importable without torch
+
+        def tensor(a: Any, dtype: Any) -> Any:
+            host = a.get() if get_array_module(a) is not np else np.asarray(a)
+            return torch.as_tensor(np.array(host), dtype=dtype, device=device)
+
+        return PasteMap(
+            bbox=self.bbox,
+            src_index=tensor(self.src_index, torch.int64),
+            src_weight=tensor(self.src_weight, torch.float32),
+            alpha=tensor(self.alpha, torch.float32),
             frame_hw=self.frame_hw,
             crop_size=self.crop_size,
         )
@@ -372,6 +393,142 @@ def rgb_to_i420(rgb: Any, out: Any = None) -> Any:
     return out
 
 
+# --- torch (any device) ------------------------------------------------------------------------
+#
+# The same arithmetic as paste_back and rgb_to_i420, in torch: the GPU path when CuPy is not
+# installed (a torch CUDA tensor never leaves the device). Sums are spelled out in numpy's order
+# (the 4 taps left to right, R + G + B), so on the CPU the result equals numpy's bit for bit;
+# on a GPU float rounding may differ by one level.
+
+
+def _is_torch(a: Any) -> bool:
+    return type(a).__module__.split(".", 1)[0] == "torch"
+
+
+def _check_tensor_image(a: Any, name: str, *, dtypes: tuple[str, ...] = ("torch.uint8",)) -> None:
+    if not _is_torch(a):
+        raise TypeError(f"{name} must be a torch tensor, got {type(a).__name__}")
+    if a.dim() != 3 or a.shape[2] != 3:
+        raise ValueError(f"{name} must have shape (H, W, 3), got {tuple(a.shape)}")
+    if str(a.dtype) not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(dtypes)}, got {a.dtype}")
+
+
+def paste_back_torch(
+    background: Any,
+    face: Any,
+    pmap: PasteMap,
+    out: Any = None,
+    *,
+    out_has_background: bool = False,
+) -> Any:
+    """:func:`paste_back` for torch tensors (any device, all on the same one).
+
+    Args:
+        background: (H, W, 3) uint8 tensor.
+        face: (S, S, 3) uint8 or float32 tensor with values in [0, 255].
+        pmap: the avatar's paste map as tensors on the same device (:meth:`PasteMap.to_torch`).
+        out: optional (H, W, 3) uint8 destination tensor (may be ``background`` itself).
+        out_has_background: ``out`` already holds ``background`` outside the bbox.
+
+    Returns:
+        ``out``, or a new tensor if ``out`` was None.
+    """
+    import torch
+
+    _check_tensor_image(background, "background")
+    _check_tensor_image(face, "face", dtypes=("torch.uint8", "torch.float32"))
+    if not _is_torch(pmap.alpha):
+        raise TypeError("pmap arrays are not torch tensors: call pmap.to_torch(device) once first")
+    for name, a in (("face", face), ("pmap", pmap.alpha)):
+        if a.device != background.device:
+            raise ValueError(f"{name} is on {a.device} but background is on {background.device}")
+    h_frame, w_frame = int(background.shape[0]), int(background.shape[1])
+    if (h_frame, w_frame) != tuple(pmap.frame_hw):
+        raise ValueError(
+            f"background is {h_frame}x{w_frame} but the paste map was built for "
+            f"{pmap.frame_hw[0]}x{pmap.frame_hw[1]} frames"
+        )
+    s = pmap.crop_size
+    if tuple(face.shape) != (s, s, 3):
+        raise ValueError(f"face must have shape ({s}, {s}, 3) for this paste map, got {face.shape}")
+    if out is None:
+        out = background.clone()
+    else:
+        _check_tensor_image(out, "out")
+        if tuple(out.shape) != tuple(background.shape) or out.device != background.device:
+            raise ValueError(
+                f"out must be a {tuple(background.shape)} tensor on {background.device}, "
+                f"got {tuple(out.shape)} on {out.device}"
+            )
+        if not out_has_background and out is not background:
+            out.copy_(background)
+
+    y0, y1, x0, x1 = pmap.bbox
+    if y1 <= y0 or x1 <= x0:
+        return out
+    face_flat = face.reshape(s * s, 3).to(torch.float32)  # (S*S, 3)
+    w = pmap.src_weight[:, :, None]  # (4, N, 1)
+    taps = face_flat[pmap.src_index]  # (4, N, 3)
+    sampled = taps[0] * w[0] + taps[1] * w[1]  # (N, 3)
+    sampled = sampled + taps[2] * w[2]
+    sampled = sampled + taps[3] * w[3]
+    sampled = sampled.reshape(y1 - y0, x1 - x0, 3)  # (h, w, 3)
+    bg = background[y0:y1, x0:x1].to(torch.float32)  # (h, w, 3)
+    blended = bg + pmap.alpha * (sampled - bg)  # (h, w, 3)
+    out[y0:y1, x0:x1] = torch.round(blended).clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def rgb_to_i420_torch(rgb: Any, out: Any = None) -> Any:
+    """:func:`rgb_to_i420` for a torch tensor (any device): (H, W, 3) uint8, H and W even.
+
+    Args:
+        rgb: (H, W, 3) uint8 tensor (a strided view, e.g. an even-sized slice, is fine).
+        out: optional (H * 3 // 2, W) uint8 contiguous tensor on the same device.
+
+    Returns:
+        ``out``, or a new (H * 3 // 2, W) uint8 tensor: the Y plane, then U and V packed.
+    """
+    import torch
+
+    _check_tensor_image(rgb, "rgb")
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    if h % 2 or w % 2:
+        raise ValueError(f"I420 needs even height and width, got rgb of shape {tuple(rgb.shape)}")
+    if out is None:
+        out = torch.empty((h * 3 // 2, w), dtype=torch.uint8, device=rgb.device)
+    elif (
+        not _is_torch(out)
+        or tuple(out.shape) != (h * 3 // 2, w)
+        or out.dtype != torch.uint8
+        or out.device != rgb.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous ({h * 3 // 2}, {w}) uint8 tensor on {rgb.device}"
+        )
+    m = _M.tolist()  # float32 coefficients, as python floats (exact)
+    m_c = _M_C.tolist()
+    n_c = (h // 2) * (w // 2)
+    flat = out.view(-1)
+    y_plane = flat[: h * w].view(h, w)
+    u_plane = flat[h * w : h * w + n_c].view(h // 2, w // 2)
+    v_plane = flat[h * w + n_c :].view(h // 2, w // 2)
+    f = rgb.to(torch.float32)  # (H, W, 3)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    y = r * m[0][0] + g * m[0][1] + b * m[0][2] + _BT601_OFFSET[0]  # (H, W)
+    y_plane.copy_(torch.round(y).clamp_(0, 255))
+    rows = f[0::2] + f[1::2]  # (H/2, W, 3)
+    quad = rows[:, 0::2] + rows[:, 1::2]  # (H/2, W/2, 3), 4x the block mean
+    qr, qg, qb = quad[..., 0], quad[..., 1], quad[..., 2]
+    u = qr * m_c[0][0] + qg * m_c[0][1] + qb * m_c[0][2] + _BT601_OFFSET[1]
+    v = qr * m_c[1][0] + qg * m_c[1][1] + qb * m_c[1][2] + _BT601_OFFSET[2]
+    u_plane.copy_(torch.round(u).clamp_(0, 255))
+    v_plane.copy_(torch.round(v).clamp_(0, 255))
+    return out
+
+
 # --- fused paste-back + I420 (CuPy raw kernel) --------------------------------------------------
 #
 # On a GPU the two functions above are two passes over the frame: paste_back reads the background
@@ -545,5 +702,7 @@ __all__ = [
     "invert_affine",
     "paste_back",
     "paste_back_i420",
+    "paste_back_torch",
     "rgb_to_i420",
+    "rgb_to_i420_torch",
 ]

@@ -19,11 +19,11 @@ import importlib.util
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from talkstream.config import EngineConfig
+from talkstream.config import Config, EngineConfig
 from talkstream.errors import MissingDependencyError, TalkstreamError
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ class PublishConfig:
     image: Path | None = None
     landmarks: Path | None = None
     loopback_ice: bool = False
-    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def _listen_arg(value: str) -> tuple[str, int]:
@@ -134,37 +133,40 @@ def _run(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], En
     _check_dependencies()
     if a.token and not a.whip:
         raise TalkstreamError("--token is for --whip; Janus's HTTP API takes none here")
-    cfg = PublishConfig(
-        whip=a.whip,
-        token=a.token,
-        janus=a.janus,
-        room=a.room,
-        display=a.display,
-        audio=a.audio,
-        listen=None if a.audio else a.listen,
-        image=a.image,
-        landmarks=a.landmarks,
-        loopback_ice=a.ice_local_only,
+    # The config tree, built once: the engine section and this command's publish section.
+    cfg = Config(
         engine=engine_config(a),
+        publish=PublishConfig(
+            whip=a.whip,
+            token=a.token,
+            janus=a.janus,
+            room=a.room,
+            display=a.display,
+            audio=a.audio,
+            listen=None if a.audio else a.listen,
+            image=a.image,
+            landmarks=a.landmarks,
+            loopback_ice=a.ice_local_only,
+        ),
     )
     return run(cfg)
 
 
-def load_presenter(cfg: PublishConfig) -> tuple[Engine, Avatar]:
-    """The engine and the avatar, warmed up (photo problems fail before models load)."""
+def load_presenter(cfg: PublishConfig, engine_cfg: EngineConfig) -> tuple[Engine, Avatar]:
+    """The engine (of the tree's engine section) and the avatar, warmed up (photo problems fail
+    before models load)."""
     import dataclasses
 
     from talkstream.engine.avatar import load_avatar_source, prepare_avatar_source
-    from talkstream.engine.pipeline import Engine
-    from talkstream.streaming.server import warm_up
+    from talkstream.runtime import load_engine
 
-    source = load_avatar_source(cfg.image, cfg.landmarks, cfg.engine.avatar)
-    engine = Engine(cfg.engine)
+    source = load_avatar_source(cfg.image, cfg.landmarks, engine_cfg.avatar)
+    engine = load_engine(engine_cfg)
     try:
-        acfg = dataclasses.replace(cfg.engine.avatar, crop_size=engine.crop_size)
+        acfg = dataclasses.replace(engine_cfg.avatar, crop_size=engine.crop_size)
         avatar = prepare_avatar_source(source, acfg)
-        engine.prepare(avatar)
-        warm_up(engine, avatar)
+        engine.encode_avatar(avatar)
+        engine.warmup(avatar)
     except BaseException:
         engine.close()
         raise
@@ -189,8 +191,12 @@ async def check_destination(cfg: PublishConfig) -> None:
             raise JanusError(f"the Janus at {cfg.janus} has no VideoRoom plugin enabled")
 
 
-def run(cfg: PublishConfig) -> int:
-    """Load, publish, speak or serve pushes, until stopped (the ``publish`` command)."""
+def run(root: Config) -> int:
+    """Load, publish, speak or serve pushes, until stopped (the ``publish`` command): the root
+    config's ``publish`` and ``engine`` sections."""
+    cfg = root.publish
+    if cfg is None:
+        raise ValueError("run needs a config with a publish section")
     asyncio.run(check_destination(cfg))
     if cfg.audio is not None:
         from talkstream.engine.audio import load_audio
@@ -198,7 +204,7 @@ def run(cfg: PublishConfig) -> int:
         speech = load_audio(cfg.audio)  # a bad file fails before the models load
     else:
         speech = None
-    engine, avatar = load_presenter(cfg)
+    engine, avatar = load_presenter(cfg, root.engine)
     try:
         return asyncio.run(publish_until_stopped(cfg, engine, avatar, speech))
     finally:

@@ -158,16 +158,20 @@ def _check_dependencies() -> None:
 
 def _run(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], EngineConfig]) -> int:
     _check_dependencies()
+    from talkstream.config import Config
     from talkstream.streaming.config import ServeConfig, StreamConfig
     from talkstream.streaming.server import run
 
     try:
-        cfg = _serve_config(a, engine_config, ServeConfig, StreamConfig)
+        # The config tree, built once: the engine section and this command's serve section.
+        cfg = Config(engine=engine_config(a), serve=_serve_config(a, ServeConfig, StreamConfig))
     except ValueError as e:  # an out-of-range flag: a user error, not a bug
         raise TalkstreamError(str(e)) from None
-    if a.generate_tokens and not cfg.no_auth:
-        print(f"talkstream: viewer token: {cfg.viewer_token}", flush=True)
-        print(f"talkstream: control token: {cfg.control_token}", flush=True)
+    serve_cfg = cfg.serve
+    assert serve_cfg is not None
+    if a.generate_tokens and not serve_cfg.no_auth:
+        print(f"talkstream: viewer token: {serve_cfg.viewer_token}", flush=True)
+        print(f"talkstream: control token: {serve_cfg.control_token}", flush=True)
     return run(cfg)
 
 
@@ -197,10 +201,10 @@ def _session_limit(value: int | None) -> int:
 
 def _serve_config(
     a: argparse.Namespace,
-    engine_config: Callable[[argparse.Namespace], EngineConfig],
     serve_cls: type[ServeConfig],
     stream_cls: type[StreamConfig],
 ) -> ServeConfig:
+    """The ``serve`` section of the config tree from the flags."""
     viewer_token, control_token = _tokens(a)
     return serve_cls(
         host=a.host,
@@ -222,7 +226,6 @@ def _serve_config(
             jitter_budget_ms=a.jitter_budget_ms,
             audio_lead_ms=a.audio_lead_ms,
         ),
-        engine=engine_config(a),
     )
 
 

@@ -1,7 +1,8 @@
 """Configuration of live streaming: the per-stream latency budget and the server's limits.
 
-Built once at the entry point (``talkstream serve``, a test, a benchmark) and passed down, like
-:class:`talkstream.config.EngineConfig`, which it holds.
+The ``serve`` section of the root :class:`talkstream.config.Config` (with ``serve.stream``):
+built once at the entry point (``talkstream serve``, a test, a benchmark) and passed down. The
+engine's settings are the root's ``engine`` section, not repeated here.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from talkstream.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,10 @@ class StreamConfig:
     # frame period; on the 2-core dev CPU it skipped no more frames than 60 did (1.5% vs 1.7%,
     # Chromium on the same cores) and took mic-to-mouth from 154 to 142 ms (p50, 29 bursts).
     compute_budget_ms: float = 40.0
-    # Frames rendered per engine call for one stream: small, since every frame has a deadline.
-    render_batch: int = 2
+    # Most frames of this stream one engine call renders (``Session.max_batch``): small,
+    # since every frame has a deadline. The engine's own limit over all streams coalesced
+    # into one call is ``EngineConfig.max_batch_frames``.
+    frames_per_call: int = 2
     # Presenter speech is fed to the session this far ahead of the clock: frames can render
     # early, and an interrupt still takes effect within about this much.
     presenter_lead_ms: float = 40.0
@@ -59,8 +60,8 @@ class StreamConfig:
             raise ValueError(
                 f"input_prefetch_packets must be in 0..8, got {self.input_prefetch_packets}"
             )
-        if self.render_batch < 1:
-            raise ValueError(f"render_batch must be >= 1, got {self.render_batch}")
+        if self.frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {self.frames_per_call}")
         if not self.replay_buffer_s >= 1.0:
             raise ValueError(f"replay_buffer_s must be >= 1 s, got {self.replay_buffer_s}")
 
@@ -84,7 +85,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     # Avatar streams that render at once: live sessions plus presenters (503 beyond). 0: what
-    # the device holds at 25 fps, see default_max_sessions.
+    # the engine's device holds at 25 fps (default_max_sessions, resolved by SessionManager).
     max_sessions: int = 0
     # Viewers of presenters, over all presenters (each costs a video encoder).
     max_viewers: int = 16
@@ -128,7 +129,6 @@ class ServeConfig:
     max_push_s: float = 60.0
     max_push_samples: int = 4 * 1024 * 1024
     stream: StreamConfig = field(default_factory=StreamConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         for name in (
@@ -164,10 +164,10 @@ class ServeConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if self.max_sessions == 0:
-            object.__setattr__(self, "max_sessions", default_max_sessions(self.engine.device))
-        if self.max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_sessions < 0:
+            raise ValueError(
+                f"max_sessions must be >= 1 (or 0: the device's default), got {self.max_sessions}"
+            )
         if self.max_viewers < 0:
             raise ValueError(f"max_viewers must be >= 0, got {self.max_viewers}")
         if not self.idle_timeout_s > 0:
@@ -181,4 +181,4 @@ class ServeConfig:
         return is_loopback_host(self.host)
 
 
-__all__ = ["ServeConfig", "StreamConfig"]
+__all__ = ["ServeConfig", "StreamConfig", "default_max_sessions"]

@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from talkstream.busy import SlowdownHint
-from talkstream.config import FPS, SAMPLE_RATE_HZ, EngineConfig
+from talkstream.config import FPS, Config, EngineConfig
 from talkstream.errors import TalkstreamError
+from talkstream.streaming.pacing import FramePacer
 
 if TYPE_CHECKING:  # the engine pulls in torch: imported only when a capture really runs
-    from talkstream.engine.avatar import Avatar
     from talkstream.engine.pipeline import Engine, Session
     from talkstream.publish.sink import PublishTarget
     from talkstream.streaming.mic import AudioSystem, InputDevice
@@ -75,7 +75,16 @@ class LiveConfig:
     pace_input: bool = False  # throttle an unclocked input device to real time
     compute_budget_ms: float = DEFAULT_COMPUTE_BUDGET_MS
     crf: int = 20
-    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def _config_types(cls) -> dict[str, object]:
+        """``PublishTarget``, for reading this section from a dict (talkstream._config_io); it
+        needs aiortc (the serve extra): without it a ``publish`` entry stays a plain dict."""
+        try:
+            from talkstream.publish.sink import PublishTarget
+        except ImportError:
+            return {"PublishTarget": dict}
+        return {"PublishTarget": PublishTarget}
 
     def validate(self) -> None:
         if self.output not in OUTPUTS:
@@ -222,10 +231,14 @@ class LiveLoop:
         self._rate_hz = 0
         self._audio: collections.deque[np.ndarray] = collections.deque()
         self._wake = threading.Event()
+        # Slot k is due when the audio clock reaches k / FPS + delay. This loop sends a slot
+        # right after the render that finished its frame, so no render-time allowance.
+        self.pacer: FramePacer[np.ndarray] = FramePacer(
+            lambda clock_s: (clock_s - delay_s) * FPS, allow_for_render=False
+        )
         self._next_slot = 0
         self._taken_until = 0  # frames handed out by the session so far
-        self._pending: dict[int, np.ndarray] = {}  # rendered frames waiting for their slot
-        self._last = session.prepared.avatar.image  # shown until the first frame is rendered
+        self._still = session.avatar.image  # shown until the first frame is rendered
         # One line if fresh frames fall well under 25 a second while other programs hold the
         # CPU (the rest of the slots repeat the last frame: a newcomer sees a stutter).
         engine = session.engine
@@ -289,17 +302,18 @@ class LiveLoop:
         while True:
             # A frame whose slot has gone is skipped unrendered: rendering it would only make
             # the next one late too.
-            skipped = self.session.skip_until(self._next_slot)
+            skipped = self.session.skip_until(self.pacer.first_worth_rendering(self.clock_s()))
             self.stats.dropped += skipped
             self._taken_until += skipped
             t0 = time.perf_counter()
             frames = self.session.render_ready()  # one frame (max_batch 1): see __init__
             if not frames:
                 break
-            self.stats.render_ms.append((time.perf_counter() - t0) * 1e3)
+            render_s = time.perf_counter() - t0
+            self.stats.render_ms.append(render_s * 1e3)
             for frame in frames:
                 self.stats.rendered += 1
-                self._pending[frame.pts] = frame.image
+                self.pacer.add(frame.pts, frame.image, self.clock_s(), render_s)
                 self._taken_until = frame.pts + 1
             self.hint.update(self.stats.rendered)
             if not final:
@@ -319,28 +333,21 @@ class LiveLoop:
     def _send_due(self) -> None:
         # A due slot's audio is in (delay >= the session's latency), so its frame is ready or
         # was skipped; either way the slot goes out now, never later.
-        now = self.clock_s()
-        while self._next_slot / FPS + self.delay_s <= now:
+        due = self.pacer.due(self.clock_s())
+        while self._next_slot <= due:
             self._send_slot()
 
     def _send_slot(self) -> None:
         k = self._next_slot
         # A dropped frame's slot shows the previous image again.
-        image = self._pending.pop(k, self._last)
-        self._last = image
-        self.sink.video(image, k)
+        image, _ = self.pacer.show(k)
+        if image is not None and not isinstance(image, np.ndarray):
+            from talkstream.engine.compose import to_host  # torch is loaded by now
+
+            image = to_host(image)  # a GPU frame comes to the host here, at the sink
+        self.sink.video(self._still if image is None else image, k)
         self.stats.frames_out += 1
         self._next_slot = k + 1
-
-
-def warm_up(engine: Engine, avatar: Avatar) -> float:
-    """Render one throwaway frame so first-call costs never land on the live stream; seconds."""
-    t0 = time.perf_counter()
-    session = engine.session(avatar)
-    session.push_audio(np.zeros(SAMPLE_RATE_HZ // 2, np.float32), SAMPLE_RATE_HZ)
-    session.max_batch = 1
-    session.render_ready()
-    return time.perf_counter() - t0
 
 
 @dataclass
@@ -353,32 +360,38 @@ class LiveResult:
 
 
 def run_live(
-    cfg: LiveConfig,
+    root: Config,
     system: AudioSystem,
     device: InputDevice,
     stop: threading.Event,
     engine: Engine | None = None,
 ) -> LiveResult:
-    """Capture ``device`` and send the avatar to ``cfg.output`` until done or ``stop`` is set."""
+    """Capture ``device`` and send the avatar to ``root.live.output`` until done or ``stop`` is
+    set; the engine is ``root.engine``'s (or ``engine``, left open)."""
     from talkstream.config import RenderConfig
-    from talkstream.engine.pipeline import Engine
     from talkstream.engine.render import (
         check_out_path,
         load_avatar_for_render,
         load_source_for_render,
     )
+    from talkstream.runtime import load_engine
     from talkstream.streaming.mic import MicCapture
 
+    cfg = root.live
+    if cfg is None:
+        raise ValueError("run_live needs a config with a live section")
     cfg.validate()
     if cfg.output == "file":
         check_out_path(cfg.out)
-    rcfg = RenderConfig(out=cfg.out, image=cfg.image, landmarks=cfg.landmarks, engine=cfg.engine)
-    source = load_source_for_render(rcfg)  # an unusable photo fails before the model loads
+    rcfg = RenderConfig(out=cfg.out, image=cfg.image, landmarks=cfg.landmarks)
+    avatar_cfg = root.engine.avatar
+    # An unusable photo fails before the model loads.
+    source = load_source_for_render(rcfg, avatar_cfg)
     own_engine = engine is None
-    eng = engine if engine is not None else Engine(cfg.engine)
+    eng = engine if engine is not None else load_engine(root.engine)
     try:
-        avatar = load_avatar_for_render(rcfg, eng.crop_size, source)
-        warm_s = warm_up(eng, avatar)
+        avatar = load_avatar_for_render(rcfg, avatar_cfg, eng.crop_size, source)
+        warm_s = eng.warmup(avatar)
         log.info("warm-up %.2f s", warm_s)
         session = eng.session(avatar)
         delay_s = session.latency_s + cfg.compute_budget_ms / 1e3
@@ -575,7 +588,8 @@ def _publish_target(a: argparse.Namespace) -> PublishTarget | None:
     )
 
 
-def _config_from_args(a: argparse.Namespace, engine_config: EngineConfig) -> LiveConfig:
+def _config_from_args(a: argparse.Namespace) -> LiveConfig:
+    """The ``live`` section of the config tree from the flags."""
     publish = _publish_target(a)
     output = "publish" if publish else a.output or ("file" if a.out is not None else "vcam")
     if output == "vcam" and a.out is not None:
@@ -592,7 +606,6 @@ def _config_from_args(a: argparse.Namespace, engine_config: EngineConfig) -> Liv
         pace_input=a.pace_input,
         compute_budget_ms=a.compute_budget_ms,
         crf=a.crf,
-        engine=engine_config,
     )
 
 
@@ -639,7 +652,10 @@ def _cmd_live(
         with AudioSystem() as system:
             print(list_devices(system))
         return 0
-    cfg = _config_from_args(a, engine_config(a))
+    # The config tree, built once: the engine section and this command's live section.
+    root = Config(engine=engine_config(a), live=_config_from_args(a))
+    cfg = root.live
+    assert cfg is not None
     cfg.validate()
     # Fail fast, before a model loads, on what can be checked without one.
     if cfg.output == "file":
@@ -660,7 +676,7 @@ def _cmd_live(
     with AudioSystem() as system:
         device = select_input_device(system.input_devices(), cfg.input_device)
         with _ctrl_c_stops(stop):
-            res = run_live(cfg, system, device, stop)
+            res = run_live(root, system, device, stop)
     st = res.stats
     note = " (random weights: no trained checkpoint)" if res.random_init else ""
     how = "stopped" if st.interrupted else "done"

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from talkstream.config import FPS, SAMPLE_RATE_HZ
+from talkstream.config import AvatarConfig, Config
 from talkstream.engine.avatar import (
     Avatar,
     AvatarSource,
@@ -59,6 +59,7 @@ from talkstream.engine.avatar import (
     prepare_avatar_source,
 )
 from talkstream.engine.pipeline import Engine
+from talkstream.runtime import load_engine
 from talkstream.streaming.bind import bind_error
 from talkstream.streaming.config import ServeConfig
 from talkstream.streaming.decode import (
@@ -97,7 +98,6 @@ log = logging.getLogger(__name__)
 
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 READ_CHUNK_BYTES = 64 * 1024
-WARMUP_AUDIO_S = 1.0
 MANAGER_KEY: web.AppKey[SessionManager] = web.AppKey("manager", SessionManager)
 CONFIG_KEY: web.AppKey[ServeConfig] = web.AppKey("config", ServeConfig)
 STARTED_KEY: web.AppKey[float] = web.AppKey("started", float)
@@ -186,33 +186,20 @@ async def read_offer(request: web.Request, cfg: ServeConfig) -> str:
     return sdp
 
 
-def load_source(cfg: ServeConfig) -> AvatarSource:
+def load_source(cfg: ServeConfig, avatar: AvatarConfig) -> AvatarSource:
     """The photo the config names (the bundled astronaut by default), its face found and
-    judged: an unusable photo fails here, before any model loads."""
-    return load_avatar_source(cfg.image, cfg.landmarks, cfg.engine.avatar)
+    judged by the engine section's ``avatar`` settings: an unusable photo fails here, before
+    any model loads."""
+    return load_avatar_source(cfg.image, cfg.landmarks, avatar)
 
 
-def load_avatar(cfg: ServeConfig, crop_size: int, source: AvatarSource | None = None) -> Avatar:
-    """The avatar the config names, framed by ``cfg.engine.avatar.framing``."""
-    acfg = dataclasses.replace(cfg.engine.avatar, crop_size=crop_size)
-    return prepare_avatar_source(source if source is not None else load_source(cfg), acfg)
-
-
-def warm_up(engine: Engine, avatar: Avatar) -> float:
-    """Render a second of frames once, so no user's first frame pays for warm-up; returns s."""
-    t0 = time.perf_counter()
-    session = engine.session(avatar)
-    rng = np.random.default_rng(0)
-    session.push_audio(
-        (0.1 * rng.standard_normal(int(WARMUP_AUDIO_S * SAMPLE_RATE_HZ))).astype(np.float32),
-        SAMPLE_RATE_HZ,
+def load_avatar(cfg: ServeConfig, engine: Engine, source: AvatarSource | None = None) -> Avatar:
+    """The avatar the config names, prepared for ``engine`` (its crop size) and framed by the
+    engine's ``cfg.avatar.framing``."""
+    acfg = dataclasses.replace(engine.cfg.avatar, crop_size=engine.crop_size)
+    return prepare_avatar_source(
+        source if source is not None else load_source(cfg, engine.cfg.avatar), acfg
     )
-    session.end_audio()
-    session.max_batch = 1  # live streams render one or two frames at a time
-    n = 0
-    while session.has_ready() and n < WARMUP_AUDIO_S * FPS:
-        n += len(session.render_ready())
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -287,7 +274,7 @@ async def offer(request: web.Request) -> web.Response:
             "sdp": answer.sdp,
             "type": answer.type,
             "session_id": peer.id,
-            "latency_budget_ms": {k: round(v * 1000, 1) for k, v in peer.stream.budget.items()},
+            "latency_budget_ms": peer.stream.budget_ms(),
             "mouth_box": mouth_box(peer.stream),
         }
     )
@@ -437,7 +424,7 @@ async def presenter_offer(request: web.Request) -> web.Response:
             "type": answer.type,
             "session_id": peer.id,
             "presenter": name,
-            "latency_budget_ms": {k: round(v * 1000, 1) for k, v in peer.stream.budget.items()},
+            "latency_budget_ms": peer.stream.budget_ms(),
             "mouth_box": mouth_box(peer.stream),
         }
     )
@@ -532,9 +519,9 @@ async def health(request: web.Request) -> web.Response:
             "sessions": mgr.live_count,
             "presenters": len(mgr.presenters),
             "viewers": mgr.viewer_count,
-            "max_sessions": cfg.max_sessions,
+            "max_sessions": mgr.max_sessions,
             "max_viewers": cfg.max_viewers,
-            "accepting": mgr.stream_count < cfg.max_sessions,
+            "accepting": mgr.stream_count < mgr.max_sessions,
             "preset": mgr.engine.models.preset,
             "random_weights": mgr.engine.random_init,
         }
@@ -695,28 +682,32 @@ async def serve(cfg: ServeConfig, engine: Engine, avatar: Avatar) -> None:
         await runner.cleanup()
 
 
-def run(cfg: ServeConfig) -> int:
-    """Load the engine and the avatar, warm up, and serve (the ``serve`` command)."""
+def run(cfg: Config) -> int:
+    """Load the engine and the avatar, warm up, and serve (the ``serve`` command): the root
+    config's ``serve`` and ``engine`` sections."""
     from talkstream.streaming.bind import check_bind
     from talkstream.streaming.sdp import use_loopback_ice
 
-    check_bind(cfg.host, cfg.port)  # a port in use fails now, in one line, not after warm-up
-    if cfg.ice_loopback_only:
+    serve_cfg = cfg.serve
+    if serve_cfg is None:
+        raise ValueError("run needs a config with a serve section")
+    check_bind(serve_cfg.host, serve_cfg.port)  # a port in use fails now, not after warm-up
+    if serve_cfg.ice_loopback_only:
         use_loopback_ice()
-    source = load_source(cfg)
-    engine = Engine(cfg.engine)
+    source = load_source(serve_cfg, cfg.engine.avatar)
+    engine = load_engine(cfg.engine)
     try:
-        avatar = load_avatar(cfg, engine.crop_size, source)
-        engine.prepare(avatar)
-        took = warm_up(engine, avatar)
+        avatar = load_avatar(serve_cfg, engine, source)
+        engine.encode_avatar(avatar)
+        took = engine.warmup(avatar)
         log.info("warm-up took %.1f s", took)
         try:
             import uvloop
         except ImportError:
             log.info("uvloop is not installed: using asyncio's event loop")
-            asyncio.run(serve(cfg, engine, avatar))
+            asyncio.run(serve(serve_cfg, engine, avatar))
         else:
-            uvloop.run(serve(cfg, engine, avatar))
+            uvloop.run(serve(serve_cfg, engine, avatar))
     finally:
         engine.close()
     return 0
@@ -734,5 +725,4 @@ __all__ = [
     "read_body",
     "run",
     "serve",
-    "warm_up",
 ]

@@ -31,7 +31,7 @@ from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket
 
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
-from talkstream.streaming.config import ServeConfig
+from talkstream.streaming.config import ServeConfig, default_max_sessions
 from talkstream.streaming.metrics import Registry, StreamMetrics
 from talkstream.streaming.sdp import OfferError, keep_loopback_candidates, without_remb
 from talkstream.streaming.tracks import AvatarAudioTrack, AvatarStream, AvatarVideoTrack
@@ -163,6 +163,8 @@ class SessionManager:
     ) -> None:
         self.cfg = cfg
         self.engine = engine
+        # Streams rendering at once: the config's, or (0) what the engine's device holds.
+        self.max_sessions = cfg.max_sessions or default_max_sessions(engine.cfg.device)
         self.avatar = avatar
         self.now = now
         self.metrics = StreamMetrics(registry)
@@ -189,7 +191,7 @@ class SessionManager:
         )
         registry.gauge("talkstream_viewers", "Viewers now open.", lambda: float(self.viewer_count))
         registry.gauge(
-            "talkstream_session_capacity", "max_sessions.", lambda: float(cfg.max_sessions)
+            "talkstream_session_capacity", "max_sessions.", lambda: float(self.max_sessions)
         )
         registry.gauge("talkstream_fps", "Mean displayed fps over open streams.", self.mean_fps)
 
@@ -219,10 +221,10 @@ class SessionManager:
     def _reserve(self) -> None:
         if self._closing:
             raise CapacityError("the server is shutting down")
-        if self.stream_count >= self.cfg.max_sessions:
+        if self.stream_count >= self.max_sessions:
             self.rejected_total.inc()
             raise CapacityError(
-                f"all {self.cfg.max_sessions} avatar sessions are in use; try again later"
+                f"all {self.max_sessions} avatar sessions are in use; try again later"
             )
         self._reserved += 1
 

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -37,6 +37,7 @@ from av import AudioFrame, VideoFrame
 
 from talkstream.engine.audio import StreamingResampler, to_mono_float32
 from talkstream.engine.avatar import Avatar
+from talkstream.engine.compose import i420_host
 from talkstream.engine.pipeline import Engine, Frame
 from talkstream.streaming.clock import (
     AUDIO_PTIME_SAMPLES,
@@ -48,6 +49,7 @@ from talkstream.streaming.clock import (
 )
 from talkstream.streaming.config import StreamConfig
 from talkstream.streaming.metrics import StreamMetrics
+from talkstream.streaming.pacing import FramePacer
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,6 @@ REANCHOR_BEHIND_S = 0.5
 INT16_MAX = 32767
 # Input louder than this (RMS, full scale 1) counts as speech in the stats.
 SPEECH_RMS = 0.01
-# With no frame rendered for this long, an over-budget render estimate decays by this factor
-# every tick (20 ms): about halfway back to the budget in 60 ms.
-RELAX_AFTER_S = 0.2
-RELAX_FACTOR = 0.8
 # Entries kept in a stream's trace (per rendered frame / per input chunk of 20 ms): 15 minutes
 # of input, enough for a 10-minute benchmark session (15_000 covered only its last 5 minutes).
 TRACE_LEN = 45_000
@@ -119,6 +117,20 @@ class StreamStats:
     display_fps: float = 0.0  # fresh frames shown per second (EMA)
 
 
+def video_planes(image: Any) -> np.ndarray:
+    """The yuv420p planes the video encoder gets for an (H, W, 3) uint8 RGB frame: odd sizes
+    cropped to even; swscale (PyAV) for a host frame; a GPU frame is converted on the device
+    and only its planes are copied to the host, right before the encoder. ``talkstream bench``
+    times this same function."""
+    h, w = int(image.shape[0]), int(image.shape[1])
+    h, w = h - h % 2, w - w % 2
+    if not isinstance(image, np.ndarray):
+        return i420_host(image[:h, :w])
+    rgb = VideoFrame.from_ndarray(np.ascontiguousarray(image[:h, :w]), format="rgb24")
+    yuv: np.ndarray = rgb.reformat(format="yuv420p").to_ndarray()  # (3H/2, W) uint8
+    return yuv
+
+
 class AvatarStream:
     """One avatar, one session, one clock; speech in, frames and delayed speech out.
 
@@ -155,7 +167,7 @@ class AvatarStream:
         self.name = name
         self.metrics = metrics
         self.session = engine.session(avatar, seed=seed, lookahead=lookahead)
-        self.session.max_batch = cfg.render_batch
+        self.session.max_batch = cfg.frames_per_call
         algorithmic = self.session.latency_s
         jitter = cfg.jitter_budget_ms / 1000 if mode == "live" else 0.0
         compute = cfg.compute_budget_ms / 1000
@@ -183,9 +195,14 @@ class AvatarStream:
 
         h, w = avatar.image.shape[:2]
         self._even_hw = (h - h % 2, w - w % 2)  # yuv420p wants even sizes
-        self._rendered: deque[Frame] = deque(maxlen=MAX_RENDERED_FRAMES)
+        # Rendered frames waiting for their display slot, and the drop-late rule.
+        self.pacer: FramePacer[Frame] = FramePacer(
+            lambda t: self.clock.output_position(t) / SAMPLES_PER_FRAME_48K,
+            budget_s=compute,
+            keep=MAX_RENDERED_FRAMES,
+            started_at=now(),
+        )
         self._display_cache: tuple[int, np.ndarray] | None = None
-        self._last_fresh_pts = -1
         self._last_display_t: float | None = None
         self.last_input_at = now()
         self.created_at = now()
@@ -196,7 +213,6 @@ class AvatarStream:
         self.mouth_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self.input_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self._last_landmarks: np.ndarray | None = None
-        self._last_render_at = now()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.closed_event = asyncio.Event()
@@ -228,7 +244,7 @@ class AvatarStream:
                 await t
         self._tasks = []
         self.session.end_audio()
-        self._rendered.clear()
+        self.pacer.clear()
         self._queue.clear()
         self.queued_samples = 0
         self.closed_event.set()
@@ -397,16 +413,14 @@ class AvatarStream:
         if self.written > lo:
             self._write_ring(np.zeros(self.written - lo, dtype=np.int16), lo)
         self.session.interrupt(at_frame)
-        kept = [f for f in self._rendered if f.pts < at_frame]
-        self._rendered.clear()
-        self._rendered.extend(kept)
+        self.pacer.drop_from(at_frame)
         if self._display_cache is not None and self._display_cache[0] >= at_frame:
             self._display_cache = None
-        self._last_fresh_pts = min(self._last_fresh_pts, at_frame - 1)
         for trace in (self.motion_trace, self.mouth_trace):
             while trace and trace[-1][0] >= at_frame:
                 trace.pop()
-        self._last_landmarks = kept[-1].landmarks if kept else None
+        kept = self.pacer.newest()
+        self._last_landmarks = kept.landmarks if kept is not None else None
         return dropped
 
     def interrupt_frame(self) -> int:
@@ -469,18 +483,11 @@ class AvatarStream:
 
     def _first_worth_rendering(self) -> int:
         # A frame that would finish rendering after its display time is worth nothing.
-        eta = self.clock.now() + self.stats.render_ms_ema / 1000
-        return self.clock.first_live_frame(eta)
+        return self.pacer.first_worth_rendering(self.clock.now())
 
     def _relax_render_estimate(self) -> None:
-        # The estimate only learns from frames that render. After a slow spell every frame may
-        # look hopeless and be skipped, and nothing would ever correct it: while no frame has
-        # rendered for a while, let it decay toward the budget so that frames are tried again.
-        st = self.stats
-        budget_ms = self.budget["compute_s"] * 1000
-        idle_s = self.clock.now() - self._last_render_at
-        if st.render_ms_ema > budget_ms and idle_s > RELAX_AFTER_S:
-            st.render_ms_ema = budget_ms + RELAX_FACTOR * (st.render_ms_ema - budget_ms)
+        self.pacer.relax(self.clock.now())
+        self.stats.render_ms_ema = self.pacer.render_s * 1000
 
     def _sync_skipped(self) -> None:
         skipped = self.session.frames_skipped - self.stats.frames_skipped
@@ -495,10 +502,10 @@ class AvatarStream:
                 now = self.clock.now()
                 st = self.stats
                 st.frames_rendered += 1
-                self._last_render_at = now
                 render_s = self.session.render_wall_s
                 slack_s = self.clock.frame_time(frame.pts) - now
-                st.render_ms_ema += 0.1 * (render_s * 1000 - st.render_ms_ema)
+                self.pacer.add(frame.pts, frame, now, render_s)
+                st.render_ms_ema = self.pacer.render_s * 1000
                 st.slack_ms_ema += 0.1 * (slack_s * 1000 - st.slack_ms_ema)
                 self._sync_skipped()
                 if self.metrics is not None:
@@ -510,7 +517,6 @@ class AvatarStream:
                 self._last_landmarks = frame.landmarks
                 self.motion_trace.append((frame.pts, motion))
                 self.mouth_trace.append((frame.pts, _inner_lip_opening(frame.landmarks)))
-                self._rendered.append(frame)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -536,21 +542,13 @@ class AvatarStream:
         return vf
 
     def _display_yuv(self, index: int) -> np.ndarray:
-        frames = self._rendered
-        # Frames older than the newest one that is due are never shown again.
-        while len(frames) >= 2 and frames[1].pts <= index:
-            frames.popleft()
-        if frames and frames[0].pts <= index:
-            image = frames[0].image
-            fresh = frames[0].pts > self._last_fresh_pts
-        else:
-            image = self.avatar.image  # nothing rendered yet: the still photo
-            fresh = False
+        frame, fresh = self.pacer.show(index)
+        # Nothing rendered yet: the still photo.
+        image = frame.image if frame is not None else self.avatar.image
         st = self.stats
         st.frames_displayed += 1
         now = self.clock.now()
         if fresh:
-            self._last_fresh_pts = frames[0].pts
             if self._last_display_t is not None:
                 dt = max(now - self._last_display_t, 1e-3)
                 st.display_fps += 0.1 * (1.0 / dt - st.display_fps)
@@ -559,10 +557,12 @@ class AvatarStream:
             st.frames_repeated += 1
             if self.metrics is not None:
                 self.metrics.frames_repeated.inc()
-        h, w = self._even_hw
-        rgb = VideoFrame.from_ndarray(np.ascontiguousarray(image[:h, :w]), format="rgb24")
-        yuv: np.ndarray = rgb.reformat(format="yuv420p").to_ndarray()  # (3H/2, W) uint8
-        return yuv
+        return video_planes(image)
+
+    def budget_ms(self) -> dict[str, float]:
+        """The latency budget in milliseconds, JSON-ready: ``algorithmic_ms``, ``jitter_ms``,
+        ``compute_ms`` and ``total_ms`` (``self.budget`` holds the same in seconds, ``*_s``)."""
+        return {k.removesuffix("_s") + "_ms": round(v * 1000, 1) for k, v in self.budget.items()}
 
     def snapshot(self) -> dict[str, object]:
         """Stats and budget, JSON-ready (``/sessions/{id}/stats`` and the web client)."""
@@ -570,7 +570,7 @@ class AvatarStream:
         return {
             "name": self.name,
             "mode": self.mode,
-            "latency_budget_ms": {k: round(v * 1000, 1) for k, v in self.budget.items()},
+            "latency_budget_ms": self.budget_ms(),
             "frames_rendered": st.frames_rendered,
             "frames_skipped": st.frames_skipped,
             "frames_repeated": st.frames_repeated,

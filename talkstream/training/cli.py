@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from talkstream.config import Config
 from talkstream.errors import TalkstreamError
 
 log = logging.getLogger(__name__)
@@ -264,12 +265,15 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.no_progress:
         overrides.append("progress=false")
     try:
-        cfg = load_train_config(a.config, overrides)
+        # The config tree, built once: this command fills only its train section (which holds
+        # its own preset and device: what is trained, and where).
+        root = Config(train=load_train_config(a.config, overrides))
     except ValueError as e:
         raise _config_error(e) from None
+    assert root.train is not None
     # torchrun's variables are read here, at the entry point, and passed down.
     dist = DistInfo.from_env(os.environ)
-    res = train(cfg, dist)
+    res = train(root.train, dist)
     if dist.is_main:
         for stage, s in res.stages.items():
             losses = ", ".join(f"{k} {v:.4g}" for k, v in s["losses"].items())
@@ -311,9 +315,11 @@ def _cmd_enroll(a: argparse.Namespace) -> int:
             cfg = enroll_train_config(ecfg, default_checkpoint(a.preset))
         if a.set:
             cfg = apply_overrides(cfg, a.set)
+        root = Config(train=cfg)  # the config tree, built once: its train section
     except ValueError as e:
         raise _config_error(e) from None
-    res = train(cfg, DistInfo.from_env(os.environ))
+    assert root.train is not None
+    res = train(root.train, DistInfo.from_env(os.environ))
     print(
         f"enrolled {a.image} in {time.perf_counter() - t0:.0f} s; checkpoint: {res.final}\n"
         f"render: talkstream render --checkpoint {res.final} --image {a.image}"

@@ -20,15 +20,12 @@ Stages run in the order of :data:`STAGES`; ``TrainConfig.stages`` picks a subset
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from talkstream._config_io import apply_overrides as _apply_overrides
+from talkstream._config_io import from_dict, read_config_file, to_dict
 from talkstream.training.augment import AugmentConfig
 
 __all__ = [
@@ -221,72 +218,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- (de)serialising
-
-T = TypeVar("T")
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """``value`` (parsed JSON/TOML) as type ``tp``; raises ValueError naming ``where``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ValueError(f"{where}: null is not allowed")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {value!r}")
-        return _from_dict(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)[:1]
-        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected an object, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{where}: unsupported config type {tp!r}")
-
-
-def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(
-            f"{where or 'config'}: unknown keys {unknown}; expected some of {sorted(known)}"
-        )
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+# The generic loader (talkstream._config_io) does the work; these keep the training names.
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -295,50 +227,17 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     Raises:
         ValueError: unknown keys, values of the wrong type, or invalid settings.
     """
-    return _from_dict(TrainConfig, data, "")
+    return from_dict(TrainConfig, data)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready nested dict of a config dataclass (tuples become lists)."""
-
-    def plain(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [plain(v) for v in x]
-        return x
-
-    out: dict[str, Any] = plain(dataclasses.asdict(cfg))
-    return out
-
-
-def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        nxt = cur.get(k)
-        if nxt is None:
-            nxt = {}
-            cur[k] = nxt
-        if not isinstance(nxt, dict):
-            raise ValueError(f"--set {dotted}: {k!r} is not a section")
-        cur = nxt
-    cur[keys[-1]] = value
+    return to_dict(cfg)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``section.key=value`` strings (value parsed as JSON, else taken as a string)."""
-    data = config_to_dict(cfg)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects section.key=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare string such as a path
-        _set_path(data, key.strip(), value)
-    return config_from_dict(data)
+    return _apply_overrides(cfg, overrides)
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -348,19 +247,7 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         ValueError: unreadable file, bad syntax, unknown keys or bad values; names the file.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read training config {p}: {e.strerror or e}") from None
-    try:
-        data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(
-            f"training config {p} is not valid {p.suffix[1:] or 'JSON'}: {e}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"training config {p}: the top level must be an object")
-    data.pop("_comment", None)  # JSON has no comments: configs may carry a "_comment" string
+    data = read_config_file(p, "training config")
     try:
         cfg = config_from_dict(data)
         return apply_overrides(cfg, overrides) if overrides else cfg

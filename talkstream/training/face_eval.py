@@ -717,24 +717,10 @@ def _speech(cfg: FaceEvalConfig, seed: int) -> list[_Speech]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _crop_engine_class() -> type:
-    """An :class:`Engine` that keeps the renderer's raw crops of its last ``render`` call."""
-    from talkstream.engine.pipeline import Engine
-
-    class _CropEngine(Engine):
-        last_crops: np.ndarray | None = None
-
-        def _denoise(self, items: Any, target: Any) -> np.ndarray:
-            crops = super()._denoise(items, target)
-            self.last_crops = crops.copy()
-            return crops
-
-    return _CropEngine
-
-
 def _render(engine: Any, avatar: Any, speech: _Speech, seed: int | None) -> tuple[Any, Any]:
     """(output frames (T, H, W, 3), raw crops (T, S, S, 3)) of one sentence."""
     from talkstream.config import SAMPLE_RATE_HZ
+    from talkstream.engine.compose import to_host
 
     sess = engine.session(avatar, seed=seed)
     sess.max_batch = 16
@@ -743,12 +729,11 @@ def _render(engine: Any, avatar: Any, speech: _Speech, seed: int | None) -> tupl
     frames: list[np.ndarray] = []
     crops: list[np.ndarray] = []
     while sess.has_ready():
-        engine.last_crops = None
-        got = sess.render_ready()
-        if engine.last_crops is None or len(engine.last_crops) != len(got):
-            raise RuntimeError("the engine did not report its raw crops")
-        frames += [f.image for f in got]
-        crops += list(engine.last_crops)
+        # The engine's raw crops, then the session's post stage pastes them into the photo.
+        items = sess.take_ready()
+        faces = engine.render(items)
+        frames += [f.to_host() for f in sess.compose(items, faces)]
+        crops += list(to_host(faces.crops))  # (n, S, S, 3) on the host
     n = min(len(frames), len(speech.params))
     return np.stack(frames[:n]), np.stack(crops[:n])
 
@@ -906,6 +891,7 @@ def evaluate_faces(cfg: FaceEvalConfig) -> FaceEvalResult:
     from talkstream.engine.avatar import prepare_avatar
     from talkstream.engine.landmarks import DlibDetector
     from talkstream.engine.pipeline import default_checkpoint
+    from talkstream.runtime import load_engine
     from talkstream.training.identity import FaceIdentity
 
     t0 = time.perf_counter()
@@ -925,7 +911,8 @@ def evaluate_faces(cfg: FaceEvalConfig) -> FaceEvalResult:
         preset=cfg.preset, checkpoint=cfg.checkpoint, device=cfg.device, threads=cfg.threads
     )
     try:
-        engine = _crop_engine_class()(ecfg)  # sets torch's thread count (ecfg.threads)
+        # load_engine sets torch's thread count (ecfg.threads)
+        engine = load_engine(ecfg)
     except BaseException:
         torch.set_num_threads(threads_before)
         raise

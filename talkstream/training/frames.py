@@ -157,8 +157,11 @@ def _head_anchors(neutral: np.ndarray, size: int) -> np.ndarray:
     return pts[keep]
 
 
-def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (2, 3) with ``dst ~= A[:, :2] @ src + A[:, 2]`` (Umeyama)."""
+def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (2, 3) with ``dst ~= A[:, :2] @ src + A[:, 2]`` (Umeyama 1991):
+    rotation, uniform scale and translation mapping the (N, 2) ``src`` points onto ``dst``."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
     ms, md = src.mean(axis=0), dst.mean(axis=0)
     s0, d0 = src - ms, dst - md
     cov = d0.T @ s0 / len(src)  # (2, 2)
@@ -288,7 +291,7 @@ class FrameRenderer:
         lm = np.asarray(landmarks, dtype=np.float64)
         # The anchors ride with the head (a similarity fitted to rigid points), so jaw motion
         # stretches only the skin between them and the jaw line.
-        head = _similarity(self.neutral[_RIGID], lm[_RIGID])  # (2, 3) neutral -> frame
+        head = fit_similarity(self.neutral[_RIGID], lm[_RIGID])  # (2, 3) neutral -> frame
         anchors = self._anchors @ head[:, :2].T + head[:, 2]  # (K, 2)
         dst = np.concatenate([lm, anchors, self._border])
         d = dst[self.triangles]  # (M, 3, 2) target triangles
@@ -367,7 +370,7 @@ class FrameRenderer:
         w = self._mouth_w
         # Teeth and tongue positions in the neutral frame: undo the head motion (a similarity
         # fitted to rigid points), so the upper teeth stay fixed to the skull.
-        head = _similarity(self.neutral[_RIGID], lm[_RIGID])  # neutral -> frame
+        head = fit_similarity(self.neutral[_RIGID], lm[_RIGID])  # neutral -> frame
         inv = np.linalg.inv(np.vstack([head, [0.0, 0.0, 1.0]]))[:2]  # frame -> neutral
         q = pts @ inv[:, :2].T + inv[:, 2]  # (n, 2) pixel positions in the neutral frame
         # How far the jaw dropped, measured at the chin in the neutral frame.

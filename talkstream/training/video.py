@@ -54,6 +54,7 @@ from talkstream.engine.avatar import alignment_transform, apply_affine, warp_cro
 from talkstream.engine.landmarks import LandmarkDetector, validate_landmarks
 from talkstream.engine.motion import frames_for_samples
 from talkstream.errors import InputError
+from talkstream.training.frames import fit_similarity
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +179,6 @@ def sampled_frames(path: str | Path, n_frames: int) -> Iterator[tuple[int, np.nd
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (2, 3) mapping ``src`` points onto ``dst`` (Umeyama 1991)."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    ms, md = src.mean(axis=0), dst.mean(axis=0)
-    s0, d0 = src - ms, dst - md
-    u, sig, vt = np.linalg.svd(d0.T @ s0 / len(src))
-    fix = np.diag([1.0, float(np.sign(np.linalg.det(u @ vt)))])
-    rot = u @ fix @ vt
-    scale = float((sig * np.diag(fix)).sum() / max((s0**2).sum() / len(src), 1e-12))
-    lin = scale * rot
-    return np.concatenate([lin, (md - lin @ ms)[:, None]], axis=1)
 
 
 def _interpolate_missing(points: np.ndarray, found: np.ndarray) -> np.ndarray:

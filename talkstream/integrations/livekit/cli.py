@@ -130,19 +130,25 @@ async def _serve(a: argparse.Namespace, url: str, token: str) -> int:
     from livekit import rtc
 
     from talkstream.cli import _engine_config
+    from talkstream.config import Config
     from talkstream.engine.avatar import load_avatar_source, prepare_avatar_source
-    from talkstream.engine.pipeline import Engine
+    from talkstream.runtime import load_engine
     from talkstream.integrations.livekit.generator import GeneratorConfig
     from talkstream.integrations.livekit.worker import WorkerConfig, run_worker
 
     try:
-        cfg = WorkerConfig(
-            agent_identity=a.agent_identity,
-            generator=GeneratorConfig(compute_budget_ms=a.compute_budget_ms),
+        # The config tree, built once: the engine section and the worker's livekit section.
+        root = Config(
+            engine=_engine_config(a),
+            livekit=WorkerConfig(
+                agent_identity=a.agent_identity,
+                generator=GeneratorConfig(compute_budget_ms=a.compute_budget_ms),
+            ),
         )
     except ValueError as e:
         raise TalkstreamError(str(e)) from None
-    ecfg = _engine_config(a)
+    cfg, ecfg = root.livekit, root.engine
+    assert cfg is not None
     # The photo first: one that cannot work fails in a second, before the model loads.
     source = await asyncio.to_thread(load_avatar_source, a.image, a.landmarks, ecfg.avatar)
 
@@ -169,7 +175,7 @@ async def _serve(a: argparse.Namespace, url: str, token: str) -> int:
         with contextlib.suppress(NotImplementedError):  # not on Windows
             loop.add_signal_handler(sig, stop.set)
     try:
-        engine = await asyncio.to_thread(Engine, ecfg)
+        engine = await asyncio.to_thread(load_engine, ecfg)
         acfg = dataclasses.replace(ecfg.avatar, crop_size=engine.crop_size)
         avatar = await asyncio.to_thread(prepare_avatar_source, source, acfg)
         log.info("avatar ready; waiting for the agent")

@@ -90,16 +90,17 @@ class GeneratorConfig:
     compute_budget_ms: float = 40.0
     # Speech queued beyond this makes push_audio wait (the SDK's receiver buffers meanwhile).
     max_queued_speech_s: float = 120.0
-    # Frames rendered per engine call: small, every frame has a deadline.
-    render_batch: int = 2
+    # Most frames of this stream one engine call renders (``Session.max_batch``): small, every
+    # frame has a deadline (``StreamConfig.frames_per_call`` for serve's streams).
+    frames_per_call: int = 2
 
     def __post_init__(self) -> None:
         if not self.compute_budget_ms >= 0:
             raise ValueError(f"compute_budget_ms must be >= 0, got {self.compute_budget_ms!r}")
         if not self.max_queued_speech_s > 0:
             raise ValueError(f"max_queued_speech_s must be > 0, got {self.max_queued_speech_s!r}")
-        if self.render_batch < 1:
-            raise ValueError(f"render_batch must be >= 1, got {self.render_batch}")
+        if self.frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {self.frames_per_call}")
 
 
 @dataclass
@@ -167,9 +168,9 @@ class TalkstreamVideoGenerator(VideoGenerator):
     ) -> None:
         self.cfg = cfg = cfg or GeneratorConfig()
         self.session = session
-        session.max_batch = cfg.render_batch
+        session.max_batch = cfg.frames_per_call
         self._now = now
-        image = session.prepared.avatar.image
+        image = session.avatar.image
         h, w = image.shape[:2]
         self.width, self.height = w - w % 2, h - h % 2  # I420 wants even sizes
         budget_s = session.latency_s + cfg.compute_budget_ms / 1000
@@ -467,12 +468,13 @@ class TalkstreamVideoGenerator(VideoGenerator):
             self._shown_pts = frame.pts
             cache = self._frame_cache
             if cache is None or cache[0] != frame.pts:
-                cache = (frame.pts, self._to_video_frame(frame.image))
+                # A GPU frame comes to the host here, at LiveKit's encoder.
+                cache = (frame.pts, self._to_video_frame(frame.to_host()))
                 self._frame_cache = cache
             return cache[1]
         self._shown_pts = -1
         if self._still is None:
-            self._still = self._to_video_frame(self.session.prepared.avatar.image)
+            self._still = self._to_video_frame(self.session.avatar.image)
         return self._still
 
     def _to_video_frame(self, image: np.ndarray) -> rtc.VideoFrame:

@@ -222,8 +222,8 @@ async function updateStats() {
   const b = (s.latency_budget_ms || ts.budget || {});
   const parts = [
     `fps ${ts.fps}`,
-    `latency budget ${Math.round(b.total_s || 0)} ms (lookahead ${Math.round(b.algorithmic_s || 0)}` +
-      ` + jitter ${Math.round(b.jitter_s || 0)} + compute ${Math.round(b.compute_s || 0)})`,
+    `latency budget ${Math.round(b.total_ms || 0)} ms (lookahead ${Math.round(b.algorithmic_ms || 0)}` +
+      ` + jitter ${Math.round(b.jitter_ms || 0)} + compute ${Math.round(b.compute_ms || 0)})`,
     `jitter buffer ${Math.round(client.jitterBufferMs || 0)} ms`,
     `dropped ${(s.frames_skipped || 0) + (s.frames_repeated || 0) + (client.framesDropped || 0)}`,
   ];
