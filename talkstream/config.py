@@ -22,6 +22,7 @@ from talkstream import _config_io
 
 if TYPE_CHECKING:  # the sections of higher layers; see Config._config_types
     from talkstream.benchmarking.scenario import Scenario
+    from talkstream.cluster.worker import ClusterConfig
     from talkstream.integrations.livekit.worker import WorkerConfig
     from talkstream.publish.cli import PublishConfig
     from talkstream.streaming.config import ServeConfig
@@ -216,6 +217,7 @@ class Config:
     live: LiveConfig | None = None  # talkstream live (streaming/live.py)
     publish: PublishConfig | None = None  # talkstream publish (publish/cli.py)
     livekit: WorkerConfig | None = None  # talkstream-livekit (integrations/livekit/worker.py)
+    cluster: ClusterConfig | None = None  # Ray Serve render workers (cluster/worker.py)
     train: TrainConfig | None = None  # talkstream train / enroll (training/config.py)
     bench: tuple[Scenario, ...] = ()  # talkstream bench (benchmarking/scenario.py)
 
@@ -231,6 +233,7 @@ class Config:
             "LiveConfig": "talkstream.streaming.live",
             "PublishConfig": "talkstream.publish.cli",
             "WorkerConfig": "talkstream.integrations.livekit.worker",
+            "ClusterConfig": "talkstream.cluster.worker",
             "TrainConfig": "talkstream.training.config",
             "Scenario": "talkstream.benchmarking.scenario",
         }

@@ -31,8 +31,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from talkstream.cluster.gateway import gateway_app  # noqa: E402
 from talkstream.cluster.pool import CapacityError, Lease, RenderPool  # noqa: E402
-from talkstream.cluster.worker import RESOURCE, WorkerConfig, deployment  # noqa: E402
-from talkstream.config import EngineConfig, IdleConfig  # noqa: E402
+from talkstream.cluster.worker import RESOURCE, ClusterConfig, deployment  # noqa: E402
+from talkstream.config import AvatarConfig, Config, EngineConfig, IdleConfig  # noqa: E402
 from talkstream.publish import janus  # noqa: E402
 from talkstream.publish.local import (  # noqa: E402
     LocalJanus,
@@ -110,15 +110,21 @@ async def test_placement_refusal_and_a_lost_worker(
 ) -> None:
     address = local_ice_address()
     assert address is not None
-    cfg = WorkerConfig(
-        janus_url=local_janus.url,
-        room=ROOM,
-        max_sessions=1,
-        random_init=True,
-        engine=EngineConfig(preset="tiny", idle=IdleConfig(enabled=False)),
-        framing="square",
-        ice_address=address,
-        janus_keepalive_s=1.0,
+    cfg = Config(
+        engine=EngineConfig(
+            preset="tiny",
+            idle=IdleConfig(enabled=False),
+            avatar=AvatarConfig(framing="square"),
+            threads=1,
+        ),
+        cluster=ClusterConfig(
+            janus_url=local_janus.url,
+            room=ROOM,
+            max_sessions=1,
+            random_init=True,
+            ice_address=address,
+            janus_keepalive_s=1.0,
+        ),
     )
     t = time.monotonic()
     pool = RenderPool.deploy(deployment(cfg, num_replicas=2), assign_timeout_s=30)

@@ -111,6 +111,7 @@ EXCEPTIONS: tuple[Exception_, ...] = (
             "talkstream.benchmarking",
             "talkstream.publish",
             "talkstream.integrations",
+            "talkstream.cluster",
         )
     ),
     Exception_(

@@ -20,11 +20,11 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from talkstream.config import EngineConfig
+from talkstream.config import Config
 from talkstream.errors import TalkstreamError
 
 log = logging.getLogger(__name__)
@@ -38,19 +38,20 @@ class WorkerFullError(TalkstreamError):
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
-    """What every replica loads and where it publishes.
+class ClusterConfig:
+    """The ``cluster`` section of the config tree: where every replica publishes, and what it
+    renders. The engine (preset, backend, threads, the avatar's framing) is the tree's ``engine``
+    section; a replica whose engine section leaves ``threads`` unset runs one torch thread (it
+    shares its machine with the SFU and the encoders).
 
     Args:
         janus_url: the SFU's HTTP API (``http://host:8088/janus``), reachable from workers.
         room: the VideoRoom sessions publish into unless their spec names one.
         max_sessions: presenters one worker renders at once (measure it: docs/deploy.md).
-        engine: the engine to load; ``random_init`` loads untrained weights (tests).
+        random_init: load untrained weights (tests).
         image, landmarks: the avatar photo (None: the bundled face).
-        framing: how the photo becomes the frame (see ``--framing``).
         push_host: address the per-session push API binds to; None: this node's IP.
         ice_address: gather ICE on this address only (an SFU on the same machine, tests).
-        threads: torch threads per worker.
         janus_keepalive_s: keepalive period of the workers' Janus sessions (under the Janus's
             ``session_timeout``, which is also how soon Janus drops a dead worker's feeds).
     """
@@ -58,30 +59,28 @@ class WorkerConfig:
     janus_url: str
     room: int = 1234
     max_sessions: int = 2
-    engine: EngineConfig = field(default_factory=EngineConfig)
     random_init: bool = False
     image: Path | None = None
     landmarks: Path | None = None
-    framing: str = "call"
     push_host: str | None = None
     ice_address: str | None = None
-    threads: int = 1
     janus_keepalive_s: float = 25.0
 
 
 class RenderWorker:
     """One render worker (a Serve replica). Not decorated here: :func:`deployment` does it."""
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    def __init__(self, root: Config) -> None:
         import dataclasses
-
-        import torch
 
         from talkstream.engine.avatar import load_avatar_source, prepare_avatar_source
         from talkstream.engine.checkpoint import Models
         from talkstream.runtime import load_engine
 
-        torch.set_num_threads(max(cfg.threads, 1))
+        if root.cluster is None:
+            raise ValueError("a render worker needs the config's cluster section")
+        cfg = root.cluster
+        ecfg = root.engine if root.engine.threads else dataclasses.replace(root.engine, threads=1)
         self.cfg = cfg
         if cfg.ice_address:
             from talkstream.publish.local import use_local_ice
@@ -89,10 +88,10 @@ class RenderWorker:
             # For the replica's whole life: every peer it makes is on this machine.
             self._ice = use_local_ice(cfg.ice_address)
             self._ice.__enter__()
-        acfg = dataclasses.replace(cfg.engine.avatar, framing=cfg.framing)
+        acfg = ecfg.avatar
         source = load_avatar_source(cfg.image, cfg.landmarks, acfg)
-        models = Models.random_init(cfg.engine.preset, seed=0) if cfg.random_init else None
-        self.engine = load_engine(cfg.engine, models)
+        models = Models.random_init(ecfg.preset, seed=0) if cfg.random_init else None
+        self.engine = load_engine(ecfg, models)
         self.avatar = prepare_avatar_source(
             source, dataclasses.replace(acfg, crop_size=self.engine.crop_size)
         )
@@ -205,7 +204,7 @@ class RenderWorker:
 
 
 def deployment(
-    cfg: WorkerConfig,
+    root: Config,
     *,
     num_replicas: int = 2,
     resources: dict[str, float] | None = None,
@@ -220,16 +219,18 @@ def deployment(
     """
     from ray import serve
 
+    if root.cluster is None:
+        raise ValueError("deployment() needs the config's cluster section (Config(cluster=...))")
     dep = serve.deployment(
         name=name,
         num_replicas=num_replicas,
-        max_ongoing_requests=cfg.max_sessions + 1,  # + 1: a full replica refuses at once
+        max_ongoing_requests=root.cluster.max_sessions + 1,  # + 1: a full replica refuses at once
         ray_actor_options={"num_cpus": 0, "resources": resources or {RESOURCE: 1}},
         health_check_period_s=2.0,
         health_check_timeout_s=10.0,
         graceful_shutdown_timeout_s=5.0,
     )(RenderWorker)
-    return dep.bind(cfg)
+    return dep.bind(root)
 
 
-__all__ = ["RESOURCE", "RenderWorker", "WorkerConfig", "WorkerFullError", "deployment"]
+__all__ = ["RESOURCE", "ClusterConfig", "RenderWorker", "WorkerFullError", "deployment"]
