@@ -11,10 +11,10 @@ Scenario 1 (browser): the server runs in this process on loopback; headless Chro
 playwright, the harness's CHROMIUM_FLAGS) opens the web client with ``?probe=1``. Its fake
 microphone loops an espeak-ng sentence followed by silence. The page records, on one clock
 (performance.now()), the level of its microphone and of the avatar's voice every 5 ms, and the
-change of the mouth region in every presented video frame. The server's trace gives, in media time (its timeline),
-the speech level and the landmark motion of every rendered frame. Burst by burst, onsets map
-media time to the browser's clock: speech onsets for the microphone and for the avatar's voice,
-onsets of motion after stillness for the video. Matching the video on motion (not speech)
+change of the mouth region in every presented video frame. The server's trace gives, in media time
+(its timeline), the speech level and the landmark motion of every rendered frame. Burst by burst,
+onsets map media time to the browser's clock: speech onsets for the microphone and for the avatar's
+voice, onsets of motion after stillness for the video. Matching the video on motion (not speech)
 onsets cancels what the model does around the speech (random weights move the mouth as soon as
 speech enters the lookahead, ~125 ms early), so:
 

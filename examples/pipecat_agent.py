@@ -344,8 +344,11 @@ class Agent:
         from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
         from pipecat.workers.runner import WorkerRunner
 
-        from talkstream.integrations.pipecat import EspeakTTSService
+        from talkstream.integrations.pipecat import EspeakTTSService, steady_smallwebrtc_audio
 
+        # Without it the voice falls behind the lips during long speech on a busy CPU (see
+        # its docstring); once per process, for every connection.
+        steady_smallwebrtc_audio()
         video = self.make_video_service()
         width, height = video.frame_size
         transport = SmallWebRTCTransport(

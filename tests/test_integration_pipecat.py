@@ -213,3 +213,25 @@ def test_options_are_checked(warm_engine: Engine, default_avatar: Avatar) -> Non
     svc = TalkstreamVideoService(framing="portrait", threads=1, backend="torch", idle=False)
     assert svc._engine_cfg.avatar.framing == "portrait"
     assert svc._engine_cfg.threads == 1 and not svc._engine_cfg.idle.enabled
+
+
+async def test_steady_smallwebrtc_audio_takes_the_next_block_while_one_plays() -> None:
+    pytest.importorskip("aiortc", reason="pipecat's webrtc extra is not installed")
+    from pipecat.transports.smallwebrtc.transport import RawAudioTrack
+
+    from talkstream.integrations.pipecat import steady_smallwebrtc_audio
+
+    assert steady_smallwebrtc_audio() and steady_smallwebrtc_audio()  # idempotent
+    track = RawAudioTrack(48_000)
+    track._start -= 60.0  # a minute behind: recv() hands out chunks without waiting
+    blocks = [np.full(1920, v, np.int16) for v in (1000, 2000)]  # 40 ms each
+    written = track.add_audio_bytes(blocks[0].tobytes())
+    first = await track.recv()
+    # Reported written once its first 10 ms chunk is out (pipecat's own: after the last),
+    # so the next block can come while the rest of this one plays.
+    assert written.done()
+    track.add_audio_bytes(blocks[1].tobytes())
+    rest = [await track.recv() for _ in range(7)]
+    pcm = np.concatenate([f.to_ndarray()[0] for f in [first, *rest]])
+    assert np.array_equal(pcm, np.concatenate(blocks))  # in order, no silence in between
+    assert [f.pts for f in [first, *rest]] == [480 * k for k in range(8)]

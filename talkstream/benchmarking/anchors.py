@@ -89,6 +89,7 @@ SD15_VAE_CONFIG: dict[str, Any] = {
 SD15_VAE_SCALING = 0.18215
 MUSETALK_LATENT = 32  # 256 px / the VAE's factor 8
 
+
 @dataclasses.dataclass
 class AnchorModel:
     """A per-frame function to time, with what it is."""

@@ -527,6 +527,56 @@ class TalkstreamVideoService(FrameProcessor):
         return TTSAudioRawFrame(pcm.tobytes(), OUT_RATE_HZ, 1, context_id=hits[0].context_id)
 
 
+# ----------------------------------------------------------------------------- SmallWebRTC
+
+
+def steady_smallwebrtc_audio() -> bool:
+    """Let pipecat's SmallWebRTC audio track take the next block while the current one plays.
+
+    pipecat 1.14's ``RawAudioTrack`` reports a block written once its *last* 10 ms chunk has
+    been sent. The output transport writes one block at a time, so it must hand over the next
+    within those 10 ms; when the event loop is busier than that (a frame conversion, another
+    task), the track sends 10 ms of silence instead and never catches up. Over continuous
+    speech the voice so falls further and further behind the service, and behind the lips,
+    which Chromium shows on time: measured with ``benchmarks/experiments/pipecat_stages.py``,
+    the voice's wait before the track went from 0.15 s to 1.6 s over 20 s of speech on a
+    2-core CPU. With this, a write is reported when its *first* chunk goes out: the transport
+    has a block's time to hand over the next one, and the track holds at most two blocks
+    (up to 70 ms of voice after an interruption instead of 40 ms).
+
+    Changes pipecat's class, for every connection of the process; idempotent. Returns False,
+    changing nothing, when the installed pipecat's track does not look as expected.
+    """
+    try:
+        from pipecat.transports.smallwebrtc.transport import RawAudioTrack
+    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
+        return False
+    original = RawAudioTrack.add_audio_bytes
+    if getattr(original, "_talkstream_steady", False):
+        return True
+    probe = RawAudioTrack(48_000)
+    if not (
+        isinstance(getattr(probe, "_chunk_queue", None), deque)
+        and isinstance(getattr(probe, "_bytes_per_10ms", None), int)
+    ):
+        log.warning("pipecat's RawAudioTrack has changed: its audio handoff is left as it is")
+        return False
+
+    def add_audio_bytes(self: Any, audio_bytes: bytes) -> Any:
+        future = original(self, audio_bytes)
+        queue = self._chunk_queue
+        n = len(audio_bytes) // self._bytes_per_10ms
+        if 1 < n <= len(queue) and queue[-1][1] is future:
+            # Move the completion from the block's last chunk to its first.
+            queue[-1] = (queue[-1][0], None)
+            queue[-n] = (queue[-n][0], future)
+        return future
+
+    add_audio_bytes._talkstream_steady = True  # type: ignore[attr-defined]
+    RawAudioTrack.add_audio_bytes = add_audio_bytes  # type: ignore[method-assign]
+    return True
+
+
 # ----------------------------------------------------------------------------- local TTS
 
 
@@ -603,4 +653,9 @@ class EspeakTTSService(TTSService):
             await self.stop_ttfb_metrics()
 
 
-__all__ = ["META_KEY", "EspeakTTSService", "TalkstreamVideoService"]
+__all__ = [
+    "META_KEY",
+    "EspeakTTSService",
+    "TalkstreamVideoService",
+    "steady_smallwebrtc_audio",
+]

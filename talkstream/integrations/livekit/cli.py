@@ -132,9 +132,9 @@ async def _serve(a: argparse.Namespace, url: str, token: str) -> int:
     from talkstream.cli import _engine_config
     from talkstream.config import Config
     from talkstream.engine.avatar import load_avatar_source, prepare_avatar_source
-    from talkstream.runtime import load_engine
     from talkstream.integrations.livekit.generator import GeneratorConfig
     from talkstream.integrations.livekit.worker import WorkerConfig, run_worker
+    from talkstream.runtime import load_engine
 
     try:
         # The config tree, built once: the engine section and the worker's livekit section.

@@ -1,0 +1,597 @@
+"""Where does the pipecat path lose lip motion? Each stage measured by frame index (issue 12).
+
+    python benchmarks/experiments/pipecat_stages.py [--seconds 25] [--variant NAME] [--out F]
+
+Runs the pipecat example agent (examples/pipecat_agent.py: espeak-ng TTS ->
+TalkstreamVideoService -> SmallWebRTC) to headless Chromium, as the pipecat path of
+``benchmarks/browser_lipsync.py`` does, with every emitted image stamped with its frame index
+(12 black/white 16 px cells in the top-left corner, away from the face). Three stages:
+
+1. service output: every ``OutputImageRawFrame`` and speech block the service pushes, by index
+   (content hash: frames the stream repeated);
+2. transport send: each image pipecat's SmallWebRTC video track hands to the encoder (queue
+   depth, send time, RTP pts);
+3. browser: each frame Chromium presented (``requestVideoFrameCallback``), its index read back
+   from the stamp, and a grey face crop.
+
+dlib's mouth opening (same crop everywhere) is correlated with the speech envelope *by frame
+index* (the RMS of the 40 ms block the service emitted with that image), so stage 3 against
+stage 1 isolates what the video path loses, independent of audio playout; the usual measure
+(against the voice the page heard, best shift) is reported beside it. ``--variant`` picks a
+change to test (see VARIANTS); run variants interleaved with ``base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import itertools
+
+import browser_lipsync as bl
+
+from talkstream.benchmarking.lipsync import MouthMeter, lagged_r, pearson, resample_series
+
+STAMP_BITS = 12
+STAMP_CELL = 16
+
+# Pixels of the stamp, read in the page at every presented frame.
+PROBE_JS = """
+(args) => {
+  const [bits, cell, box] = args;
+  const v = document.getElementById("video");
+  const c = document.createElement("canvas");
+  const g = c.getContext("2d", { willReadFrequently: true });
+  window.__st = [];
+  window.__stOn = true;
+  const step = (now, md) => {
+    if (!window.__stOn) return;
+    c.width = bits * cell; c.height = cell;
+    g.drawImage(v, 0, 0, bits * cell, cell, 0, 0, bits * cell, cell);
+    const px = g.getImageData(0, 0, bits * cell, cell).data;
+    let idx = 0;
+    for (let b = 0; b < bits; b++) {
+      const i = 4 * ((cell >> 1) * bits * cell + b * cell + (cell >> 1));
+      if (px[i] > 128) idx |= 1 << b;
+    }
+    const w = box[2] - box[0], h = box[3] - box[1];
+    c.width = w; c.height = h;
+    g.drawImage(v, box[0], box[1], w, h, 0, 0, w, h);
+    const f = g.getImageData(0, 0, w, h).data;
+    const grey = new Uint8Array(w * h);
+    for (let i = 0; i < grey.length; i++) {
+      grey[i] = (f[4 * i] * 77 + f[4 * i + 1] * 150 + f[4 * i + 2] * 29) >> 8;
+    }
+    let s = "";
+    for (let i = 0; i < grey.length; i += 8192) {
+      s += String.fromCharCode.apply(null, grey.subarray(i, i + 8192));
+    }
+    window.__st.push([md.expectedDisplayTime || now, md.rtpTimestamp ?? null,
+                      md.presentedFrames, idx, btoa(s)]);
+    v.requestVideoFrameCallback(step);
+  };
+  v.requestVideoFrameCallback(step);
+  // Chromium's receive side, once a second: jitter buffer delays of the audio and the video.
+  window.__stats = [];
+  const poll = async () => {
+    if (!window.__stOn || !pc) return;
+    const rep = await pc.getStats();
+    const row = { t: performance.now() };
+    rep.forEach((s) => {
+      if (s.type === "inbound-rtp") {
+        row[s.kind] = { jbd: s.jitterBufferDelay, n: s.jitterBufferEmittedCount,
+                        target: s.jitterBufferTargetDelay, min: s.jitterBufferMinimumDelay,
+                        proc: s.totalProcessingDelay, dec: s.framesDecoded ?? null };
+      }
+    });
+    window.__stats.push(row);
+    setTimeout(poll, 1000);
+  };
+  poll();
+}
+"""
+TAKE_JS = "() => { const out = window.__st; window.__st = []; return out; }"
+
+
+def stamp(img: np.ndarray, index: int) -> None:
+    for b in range(STAMP_BITS):
+        img[:STAMP_CELL, b * STAMP_CELL : (b + 1) * STAMP_CELL] = 255 if index >> b & 1 else 0
+
+
+def grey(img: np.ndarray) -> np.ndarray:
+    return (
+        (img[..., 0].astype(np.uint16) * 77 + img[..., 1] * 150 + img[..., 2] * 29) >> 8
+    ).astype(np.uint8)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.images: dict[int, tuple[float, str, np.ndarray]] = {}  # index -> (t, hash, crop)
+        self.audio: dict[int, tuple[float, float]] = {}  # index -> (t, rms)
+        self.added: list[tuple[float, int, int]] = []  # transport: (t, index, queue depth)
+        self.sent: list[tuple[float, int, int]] = []  # transport: (t, index, pts)
+        self.box: list[int] = []
+        self.service_options: dict[str, Any] = {}  # passed to the service by a variant
+        self.audio_created = 0.0
+        self.loop_lag: list[float] = []
+        self.audio_loud: list[bool] = []
+        self.audio_added: dict[str, tuple[float, int]] = {}  # block hash -> (t, first pts)
+        self.audio_emitted: list[tuple[float, str]] = []  # speech blocks: (t, hash)
+        self.audio_sent: list[tuple[float, int]] = []  # RawAudioTrack.recv: (t, pts)
+
+
+def install(rec: Recorder, variant: str) -> None:
+    """Hook pipecat's SmallWebRTC video track (stage 2) and apply the variant."""
+    import pipecat.transports.smallwebrtc.transport as tr
+
+    cls = tr.RawVideoTrack
+    orig_add, orig_recv = cls.add_video_frame, cls.recv
+
+    def add(self: Any, frame: Any) -> None:
+        order = self.__dict__.setdefault("_stage_order", deque())
+        idx = frame.metadata.get("talkstream", {}).get("index", -1)
+        rec.added.append((time.monotonic(), idx, self._video_buffer.qsize()))
+        order.append(idx)
+        orig_add(self, frame)
+
+    async def recv(self: Any) -> Any:
+        vf = await orig_recv(self)
+        idx = self._stage_order.popleft()
+        rec.sent.append((time.monotonic(), idx, int(vf.pts)))
+        return vf
+
+    cls.add_video_frame, cls.recv = add, recv
+    # The audio track: when it was made, and every recv (wall time, pts), to see bursts.
+    acls = tr.RawAudioTrack
+    orig_init, orig_arecv = acls.__init__, acls.recv
+
+    def ainit(self: Any, *a: Any, **kw: Any) -> None:
+        orig_init(self, *a, **kw)
+        rec.audio_created = time.monotonic()
+
+    async def arecv(self: Any) -> Any:
+        f = await orig_arecv(self)
+        rec.audio_sent.append((time.monotonic(), int(f.pts)))
+        # Underruns: silence handed out right between two chunks of speech (the writer, which
+        # waits for each block to be consumed, was late): each pushes the voice 10 ms later.
+        loud = bool(np.abs(f.to_ndarray()).max() > 300)
+        rec.audio_loud.append(loud)
+        return f
+
+    orig_addb = acls.add_audio_bytes
+
+    def addb(self: Any, audio_bytes: bytes) -> Any:
+        # Where this block's first sample will go out: the pts after what is queued.
+        first = self._timestamp + sum(len(c) for c, _ in self._chunk_queue) // 2
+        key = hashlib.blake2b(audio_bytes, digest_size=8).hexdigest()
+        rec.audio_added[key] = (time.monotonic(), first)
+        return orig_addb(self, audio_bytes)
+
+    acls.__init__, acls.recv, acls.add_audio_bytes = ainit, arecv, addb
+    VARIANTS[variant](rec)
+
+
+def _no_remb(rec: Recorder) -> None:
+    """Hold the VP8 bitrate like serve (no REMB-driven encoder restarts)."""
+    import pipecat.transports.smallwebrtc.connection as conn
+
+    from talkstream.streaming.sessions import hold_video_bitrate
+
+    orig = conn.SmallWebRTCConnection.initialize
+
+    async def initialize(self: Any, *a: Any, **kw: Any) -> Any:
+        out = await orig(self, *a, **kw)
+        for t in self.pc.getTransceivers():
+            if t.kind == "video" and t.sender is not None:
+                hold_video_bitrate(t.sender)
+        return out
+
+    conn.SmallWebRTCConnection.initialize = initialize
+
+
+def _media_pts(rec: Recorder) -> None:
+    """Stamp each video frame's RTP time from the service's frame index (its media time),
+    as serve's tracks do, instead of aiortc's 30 fps counter."""
+    import fractions
+
+    import pipecat.transports.smallwebrtc.transport as tr
+    from av import VideoFrame
+
+    cls = tr.RawVideoTrack
+
+    async def recv(self: Any) -> Any:
+        raw = await self._video_buffer.get()
+        rgb = np.frombuffer(raw.image, dtype=np.uint8).reshape((self._height, self._width, 3))
+        vf = VideoFrame.from_ndarray(rgb, format="rgb24")
+        idx = raw.metadata.get("talkstream", {}).get("index", 0)
+        vf.pts, vf.time_base = idx * 3600, fractions.Fraction(1, 90_000)
+        self._stage_order.popleft()
+        rec.sent.append((time.monotonic(), idx, int(vf.pts)))
+        return vf
+
+    cls.recv = recv
+
+
+def _pipecat_audio(rec: Recorder) -> None:
+    """pipecat's own audio handoff: the example's steady_smallwebrtc_audio() made a no-op."""
+    import talkstream.integrations.pipecat as tp
+
+    tp.steady_smallwebrtc_audio = lambda: False  # type: ignore[assignment]
+
+
+VARIANTS = {
+    "pipecat_audio": _pipecat_audio,
+    "base": lambda rec: None,
+    "no_remb": _no_remb,
+    "media_pts": _media_pts,
+}
+
+
+def make_agent(example: Any, rec: Recorder, options: dict[str, Any]) -> Any:
+    from pipecat.frames.frames import OutputImageRawFrame, TTSAudioRawFrame
+    from pipecat.processors.frame_processor import FrameDirection
+
+    from talkstream.integrations.pipecat import META_KEY, TalkstreamVideoService
+
+    class Stamping(TalkstreamVideoService):  # type: ignore[misc]
+        async def push_frame(
+            self, frame: Any, direction: FrameDirection = FrameDirection.DOWNSTREAM
+        ) -> None:
+            meta = getattr(frame, "metadata", {}).get(META_KEY)
+            now = time.monotonic()
+            if meta is not None and isinstance(frame, OutputImageRawFrame):
+                w, h = frame.size
+                img = np.frombuffer(frame.image, np.uint8).reshape(h, w, 3).copy()
+                digest = hashlib.blake2b(img.tobytes(), digest_size=8).hexdigest()
+                x0, y0, x1, y1 = rec.box
+                rec.images[meta["index"]] = (now, digest, grey(img[y0:y1, x0:x1]))
+                stamp(img, meta["index"])
+                frame.image = img.tobytes()
+            elif meta is not None and isinstance(frame, TTSAudioRawFrame):
+                pcm = np.frombuffer(frame.audio, np.int16).astype(np.float64) / 32768
+                rec.audio[meta["index"]] = (now, float(np.sqrt(np.mean(pcm**2))))
+                rec.audio_emitted.append(
+                    (now, hashlib.blake2b(frame.audio, digest_size=8).hexdigest())
+                )
+            await super().push_frame(frame, direction)
+
+    class StageAgent(example.Agent):  # type: ignore[misc,name-defined]
+        def make_video_service(self) -> Any:
+            return Stamping(engine=self.engine, avatar=self.avatar, **rec.service_options)
+
+    return StageAgent(
+        example.AgentConfig(
+            script=bl.SENTENCES, words_per_minute=bl.PIPECAT_WPM, service_options=options
+        )
+    )
+
+
+async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[str, Any]]:
+    from aiohttp import web
+    from playwright.async_api import async_playwright
+
+    from talkstream.benchmarking.browser import CHROMIUM_FLAGS
+    from talkstream.streaming.sdp import use_loopback_ice
+
+    spec = importlib.util.spec_from_file_location("pipecat_agent_example", bl.EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example
+    spec.loader.exec_module(example)
+    use_loopback_ice()
+    rec = Recorder()
+    install(rec, variant)
+    agent = make_agent(example, rec, {})
+    await agent.load()
+    rec.box = example.boxes(agent.avatar)[0]
+    runner = web.AppRunner(agent.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    got: dict[str, Any] = {}
+
+    async def lag_probe() -> None:  # the event loop's lateness, every 10 ms
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            rec.loop_lag.append(time.monotonic() - t - 0.01)
+
+    probe = asyncio.create_task(lag_probe())
+    try:
+        async with async_playwright() as p:
+            ctx = await p.chromium.launch_persistent_context(
+                str(tmp / "profile"),
+                executable_path="/usr/bin/chromium",
+                headless=True,
+                args=CHROMIUM_FLAGS,
+            )
+            try:
+                page = ctx.pages[0] if ctx.pages else await ctx.new_page()
+                await page.goto(f"{url}/?autostart=1")
+                await page.wait_for_function(
+                    "window.ts && window.ts.state === 'connected' && ts.faceBox", timeout=60_000
+                )
+                await page.evaluate(PROBE_JS, [STAMP_BITS, STAMP_CELL, rec.box])
+                frames: list[Any] = []
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await asyncio.sleep(1.0)
+                    frames += await page.evaluate(TAKE_JS)
+                await page.evaluate("window.__stOn = false")
+                frames += await page.evaluate(TAKE_JS)
+                got = {
+                    "frames": frames,
+                    "voice": await page.evaluate("ts.voice"),
+                    "stats": await page.evaluate("window.__stats"),
+                    # performance.now() + timeOrigin = time.time(): map to monotonic.
+                    "origin_ms": await page.evaluate("performance.timeOrigin")
+                    + 1000 * (time.monotonic() - time.time()),
+                }
+            finally:
+                await ctx.close()
+    finally:
+        probe.cancel()
+        await runner.cleanup()
+        await agent.close()
+    return rec, got
+
+
+def audio_path(rec: Recorder, aus: np.ndarray) -> dict[str, Any]:
+    """Per speech block: service push -> handed to the audio track -> its first sample sent
+    (the track's recv), in ms; medians over the first and the last 4 s of blocks."""
+    sent_at = dict(zip(aus[:, 1].astype(int), aus[:, 0], strict=True))
+    rows = []
+    for t, key in rec.audio_emitted:
+        if key in rec.audio_added:
+            ta, first = rec.audio_added[key]
+            ts = sent_at.get(first)
+            if ts is not None:
+                rows.append((t, ta - t, ts - ta))
+    if len(rows) < 20:
+        return {}
+    r = np.array(rows)
+    head, tail = r[:, 0] < r[0, 0] + 4, r[:, 0] > r[-1, 0] - 4
+    return {
+        "audio_push_to_track_ms_first_last": [
+            round(1000 * float(np.median(r[head, 1])), 1),
+            round(1000 * float(np.median(r[tail, 1])), 1),
+        ],
+        "audio_track_to_sent_ms_first_last": [
+            round(1000 * float(np.median(r[head, 2])), 1),
+            round(1000 * float(np.median(r[tail, 2])), 1),
+        ],
+        "audio_blocks_matched": len(rows),
+    }
+
+
+def underruns(loud: list[bool], span: int = 3) -> int:
+    """Runs of at most ``span`` silent 10 ms chunks with speech on both sides."""
+    n, i, out = len(loud), 0, 0
+    while i < n:
+        if not loud[i]:
+            j = i
+            while j < n and not loud[j]:
+                j += 1
+            if i > 0 and j < n and j - i <= span:
+                out += j - i
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
+    x0, y0, x1, y1 = rec.box
+    h, w = y1 - y0, x1 - x0
+
+    def dlib(g: np.ndarray) -> float:
+        return meter.opening(np.repeat(g[:, :, None], 3, axis=2))
+
+    # Stage 1: the service output.
+    idx = sorted(rec.images)
+    lo, hi = idx[0], idx[-1]
+    env = np.array([rec.audio.get(i, (0.0, 0.0))[1] for i in range(lo, hi + 1)])
+    hashes = [rec.images[i][1] if i in rec.images else None for i in range(lo, hi + 1)]
+    svc_open = np.array(
+        [dlib(rec.images[i][2]) if i in rec.images else np.nan for i in range(lo, hi + 1)]
+    )
+    repeats = sum(1 for a, b in itertools.pairwise(hashes) if a is not None and a == b)
+    # Stage 2: transport.
+    sent = [s[1] for s in rec.sent]
+    depth = [a[2] for a in rec.added]
+    t_add = {a[1]: a[0] for a in rec.added}
+    send_lag = [s[0] - t_add[s[1]] for s in rec.sent if s[1] in t_add]
+    # Stage 3: browser.
+    fr = got["frames"]
+    b_idx = np.array([f[3] for f in fr])
+    # The stamp holds 12 bits: unwrap against the service's indices.
+    b_idx = b_idx + (lo // 4096) * 4096
+    b_open_by: dict[int, float] = {}
+    b_t = np.array([f[0] for f in fr], dtype=np.float64) / 1000
+    b_open = []
+    for f, i in zip(fr, b_idx, strict=True):
+        g = np.frombuffer(base64.b64decode(f[4]), np.uint8).reshape(h, w)
+        o = dlib(g)
+        b_open.append(o)
+        b_open_by.setdefault(int(i), o)
+    b_open_arr = np.array(b_open)
+    steps = np.diff(b_idx)
+    by_index = np.array([b_open_by.get(i, np.nan) for i in range(lo, hi + 1)])
+    held = resample_series(
+        np.array([i for i in range(lo, hi + 1) if i in b_open_by], dtype=np.float64),
+        np.array([b_open_by[i] for i in range(lo, hi + 1) if i in b_open_by]),
+        np.arange(lo, hi + 1, dtype=np.float64),
+    )
+    both = np.isfinite(svc_open) & np.isfinite(by_index)
+    voice = np.asarray(got["voice"], dtype=np.float64).reshape(-1, 2)
+    n = int((b_t[-1] - b_t[0]) * 25)
+    grid = b_t[0] + np.arange(n) / 25
+    heard = bl.voice_r(b_t[0], n, resample_series(b_t, b_open_arr, grid), voice)
+    # Restrict the by-index comparison to the browser's window.
+    win = (np.arange(lo, hi + 1) >= b_idx.min()) & (np.arange(lo, hi + 1) <= b_idx.max())
+
+    # A/V offset in the browser over time: the envelope of each presented frame's own audio
+    # block, placed at its presentation time, against the voice the page heard; best shift
+    # per 4 s window (no dlib: exact).
+    env_at = np.array([rec.audio.get(int(i), (0.0, 0.0))[1] for i in b_idx])
+    s_grid = resample_series(b_t, env_at, grid)
+    offsets = []
+    for w0 in range(0, n - 100, 50):
+        seg = slice(w0, w0 + 100)
+        best = None
+        for shift_ms in range(-200, 601, 20):
+            v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], grid[w0], 100)
+            r = pearson(s_grid[seg], v)
+            if r is not None and (best is None or r > best[0]):
+                best = (r, shift_ms)
+        if best is not None and best[0] > 0.5:
+            offsets.append(best[1])
+    # Per-frame path time, service push -> browser presentation (constant clock offset removed).
+    emit = np.array([rec.images[int(i)][0] if int(i) in rec.images else np.nan for i in b_idx])
+    path = b_t + got["origin_ms"] / 1000 - emit  # both on time.monotonic()
+    ok = np.isfinite(path)
+    slope = np.polyfit(b_t[ok] - b_t[0], path[ok], 1)[0] * 1000  # ms per s
+    path_ms = path[ok] * 1000
+    path = path_ms - np.median(path_ms)
+    t_ok = b_t[ok] - b_t[0]
+    lat_first = float(np.median(path_ms[(t_ok > 2) & (t_ok < 5)]))
+    lat_last = float(np.median(path_ms[t_ok > t_ok[-1] - 3]))
+
+    # Chromium's jitter buffers: mean delay per emitted frame/sample, first and last 4 s.
+    jb: dict[str, list[float | None]] = {}
+    st = got.get("stats") or []
+    for kind in ("audio", "video"):
+        rows = [r[kind] for r in st if kind in r and r[kind].get("n")]
+
+        def per(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+            dn = b["n"] - a["n"]
+            return round(1000 * (b[key] - a[key]) / dn, 1) if dn > 0 and key in b else None
+
+        if len(rows) >= 6:
+            jb[kind] = [
+                per(rows[1], rows[5], "jbd"),
+                per(rows[-5], rows[-1], "jbd"),
+                per(rows[1], rows[5], "target"),
+                per(rows[-5], rows[-1], "target"),
+            ]
+
+    # Audio packets the track handed out ahead of real time (bursts): its pts against the
+    # wall clock since its first packet; the most it ran ahead, and at the first packet.
+    aus = np.array(rec.audio_sent, dtype=np.float64).reshape(-1, 2)
+    audio_track: dict[str, Any] = {}
+    if len(aus):
+        ahead = aus[:, 1] / 48000 - (aus[:, 0] - aus[0, 0])
+        gaps = np.diff(aus[:, 0])
+        lag = np.array(rec.loop_lag) * 1000
+        audio_track = {
+            "recv_gap_ms_p99_max": [
+                round(float(np.percentile(gaps, 99)) * 1000, 1),
+                round(float(gaps.max()) * 1000, 1),
+            ],
+            "loop_lag_ms_p50_p99_max": [
+                round(float(np.percentile(lag, 50)), 1),
+                round(float(np.percentile(lag, 99)), 1),
+                round(float(lag.max()), 1),
+            ],
+            "loop_stalls_over_50ms": int((lag > 50).sum()),
+            "underruns_in_speech": underruns(rec.audio_loud),
+            **audio_path(rec, aus),
+            "first_recv_after_creation_ms": round(1000 * (aus[0, 0] - rec.audio_created)),
+            "pts_ahead_of_wall_ms_max": round(1000 * float(ahead.max())),
+            "pts_ahead_of_wall_ms_at_1s": round(
+                1000 * float(ahead[np.searchsorted(aus[:, 0], aus[0, 0] + 1.0)])
+            ),
+        }
+
+    def lr(a: np.ndarray, e: np.ndarray) -> dict[str, Any]:
+        return lagged_r(a, e).as_dict()
+
+    return {
+        "service": {
+            "frames": hi - lo + 1,
+            "missing_indices": int(hi - lo + 1 - len(idx)),
+            "repeated_content": repeats,
+            "speech_blocks": len(rec.audio),
+            "dlib_vs_env_by_index": lr(svc_open[win], env[win]),
+        },
+        "transport": {
+            "added": len(rec.added),
+            "sent": len(sent),
+            "out_of_order": int(sum(1 for a, b in itertools.pairwise(sent) if b != a + 1)),
+            "queue_depth_max": max(depth) if depth else None,
+            "queue_depth_mean": round(float(np.mean(depth)), 2) if depth else None,
+            "send_lag_ms_median": round(1000 * float(np.median(send_lag)), 1) if send_lag else None,
+            "send_lag_ms_max": round(1000 * float(np.max(send_lag)), 1) if send_lag else None,
+        },
+        "audio_track": audio_track,
+        "browser": {
+            "presented": len(fr),
+            "fps": round((len(fr) - 1) / (b_t[-1] - b_t[0]), 2),
+            "index_repeats": int((steps == 0).sum()),
+            "index_skipped": int(np.clip(steps - 1, 0, None).sum()),
+            "index_backwards": int((steps < 0).sum()),
+            "dlib_vs_env_by_index_held": lr(held[win], env[win]),
+            "dlib_browser_vs_service_same_index_r": pearson(svc_open[both], by_index[both]),
+            "dlib_vs_voice_heard": {"r": heard[0], "voice_after_mouth_ms": heard[1]},
+            "av_offset_ms_per_4s_window": offsets,
+            "path_ms_push_to_present_at_2_5s_and_last_3s": [round(lat_first), round(lat_last)],
+            "path_drift_ms_per_s": round(float(slope), 1),
+            "jitter_buffer_ms_delay_first_last_target_first_last": jb,
+            "path_jitter_ms_p5_p95": [
+                round(float(np.percentile(path, 5)), 1),
+                round(float(np.percentile(path, 95)), 1),
+            ],
+        },
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=25.0)
+    ap.add_argument("--variant", default="base", choices=sorted(VARIANTS))
+    ap.add_argument("--out", type=Path, default=None, help="JSON result file")
+    a = ap.parse_args()
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        rec, got = asyncio.run(run(a.seconds, a.variant, Path(tmp)))
+    if a.out:  # the raw series, for a closer look
+        fr = got["frames"]
+        np.savez(
+            a.out.with_suffix(".npz"),
+            emit=np.array([(i, t) for i, (t, _, _) in sorted(rec.images.items())]),
+            audio=np.array([(i, t, r) for i, (t, r) in sorted(rec.audio.items())]),
+            added=np.array(rec.added),
+            sent=np.array(rec.sent),
+            presented=np.array([(f[0], f[2], f[3]) for f in fr], dtype=np.float64),
+            voice=np.asarray(got["voice"], dtype=np.float64).reshape(-1, 2),
+            time_origin=np.array([got.get("origin_ms", np.nan)]),
+        )
+    res = analyse(rec, got, MouthMeter())
+    res.update(
+        variant=a.variant,
+        load=[round(load0, 2), round(os.getloadavg()[0], 2)],
+        date=time.strftime("%Y-%m-%d %H:%M"),
+    )
+    print(json.dumps(res, indent=1))
+    if a.out:
+        a.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
