@@ -30,7 +30,7 @@ import soundfile
 
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
-from talkstream.streaming.server import ROUTES, warm_up
+from talkstream.streaming.server import ROUTES
 from tests.test_server import Harness, _offer_sdp, running_server
 from tests.test_server_security import deep_json, flac_bomb
 
@@ -79,7 +79,7 @@ CONTENT_TYPES = (
 
 @pytest.fixture(scope="module")
 def warm_engine(tiny_engine: Engine, default_avatar: Avatar) -> Iterator[Engine]:
-    warm_up(tiny_engine, default_avatar)
+    tiny_engine.warmup(default_avatar)
     yield tiny_engine
 
 

@@ -200,8 +200,8 @@ async def test_live_input_is_placed_by_timestamp(
 def test_replay_ring_wraps(tiny_engine: Engine, default_avatar: Avatar) -> None:
     st = _stream(tiny_engine, default_avatar, "presenter", replay_buffer_s=1.0)
     x = (np.arange(70_000) % 30_000).astype(np.int16)
-    st._write(x[:40_000])
-    st._write(x[40_000:])
+    st.timeline.write(x[:40_000])
+    st.timeline.write(x[40_000:])
     np.testing.assert_array_equal(st.read_audio(50_000, 20_000), x[50_000:])
     # Older than the ring: silence; beyond what was written: silence.
     assert not st.read_audio(0, 100).any()

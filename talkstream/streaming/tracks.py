@@ -1,7 +1,11 @@
 """Avatar streams and their WebRTC tracks.
 
 An :class:`AvatarStream` owns one engine ``Session``, one :class:`MediaClock` and one timeline of
-48 kHz speech (see :mod:`talkstream.streaming.clock`). Speech comes in one of two ways:
+48 kHz speech (see :mod:`talkstream.streaming.clock`). Its parts have their own modules: the
+timeline and the presenter's speech queue (:mod:`talkstream.streaming.timeline`), the
+drop-late pacing of rendered frames (:mod:`talkstream.streaming.pacing`); the stream keeps the
+lifecycle, the tasks, the live input's placement and the output. Speech comes in one of two
+ways:
 
 - ``live``: decoded frames of a peer's microphone track (:meth:`AvatarStream.push_frame`), placed
   on the timeline by their RTP timestamps; where the input is late beyond the jitter budget
@@ -50,6 +54,8 @@ from talkstream.streaming.clock import (
 from talkstream.streaming.config import StreamConfig
 from talkstream.streaming.metrics import StreamMetrics
 from talkstream.streaming.pacing import FramePacer
+from talkstream.streaming.timeline import TRACE_LEN, AudioTimeline, SpeechQueue, rms, to_int16
+from talkstream.streaming.timeline import QueueFullError as QueueFullError  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +68,8 @@ MAX_RENDERED_FRAMES = 16
 MAX_TRACK_LAG_S = 0.1
 # Live input this far behind the timeline is a stream resuming after a stall: re-anchored.
 REANCHOR_BEHIND_S = 0.5
-INT16_MAX = 32767
 # Input louder than this (RMS, full scale 1) counts as speech in the stats.
 SPEECH_RMS = 0.01
-# Entries kept in a stream's trace (per rendered frame / per input chunk of 20 ms): 15 minutes
-# of input, enough for a 10-minute benchmark session (15_000 covered only its last 5 minutes).
-TRACE_LEN = 45_000
-
-
-class QueueFullError(ValueError):
-    """A presenter push would exceed ``StreamConfig.max_queued_speech_s``."""
 
 
 def audio_frame_to_mono(frame: AudioFrame) -> np.ndarray:
@@ -85,20 +83,10 @@ def audio_frame_to_mono(frame: AudioFrame) -> np.ndarray:
     return to_mono_float32(np.ascontiguousarray(pcm))
 
 
-def _rms(pcm: np.ndarray) -> float:
-    if not pcm.size:
-        return 0.0
-    return float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) / 32768
-
-
 def _inner_lip_opening(landmarks: np.ndarray) -> float:
     """Mean gap of the inner-lip pairs 61-67, 62-66, 63-65 of (68, 2) landmarks."""
     d = landmarks[[67, 66, 65]] - landmarks[[61, 62, 63]]
     return float(np.sqrt((d**2).sum(axis=-1)).mean())
-
-
-def _to_int16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x * 32768.0), -32768, INT16_MAX).astype(np.int16)
 
 
 @dataclass
@@ -182,16 +170,18 @@ class AvatarStream:
         if metrics is not None:
             metrics.latency_seconds.observe(self.budget["total_s"])
 
-        # The timeline: int16 mono 48 kHz, a ring indexed by absolute sample position.
-        self._ring = np.zeros(int(cfg.replay_buffer_s * OUT_RATE_HZ), dtype=np.int16)
-        self.written = 0  # timeline samples written so far
+        # The timeline: int16 mono 48 kHz by absolute sample position, each chunk passed on
+        # to the session as it is written; the last replay_buffer_s kept for the audio tracks.
+        self.timeline = AudioTimeline(
+            int(cfg.replay_buffer_s * OUT_RATE_HZ),
+            lambda pcm: self.session.push_audio(pcm, OUT_RATE_HZ),
+            trace_len=TRACE_LEN,
+        )
         # Live input: source position (48 kHz) + offset = timeline position.
         self._src_offset: int | None = None
         self._in_resampler: StreamingResampler | None = None
-        # Presenter input: queued 48 kHz int16 chunks.
-        self._queue: deque[np.ndarray] = deque()
-        self.queued_samples = 0
-        self._push_resampler: StreamingResampler | None = None
+        # Presenter input: pushed speech (48 kHz int16) waiting to be fed to the timeline.
+        self.speech = SpeechQueue(cfg.max_queued_speech_s, name=name)
 
         h, w = avatar.image.shape[:2]
         self._even_hw = (h - h % 2, w - w % 2)  # yuv420p wants even sizes
@@ -207,11 +197,10 @@ class AvatarStream:
         self.last_input_at = now()
         self.created_at = now()
         # Traces for benchmarks and diagnosis: (frame pts, landmark motion) per rendered frame
-        # and (timeline sample, RMS) per input chunk; bounded.
+        # (and the timeline's (sample, RMS) per input chunk: input_trace); bounded.
         self.motion_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         # (frame pts, inner-lip opening of the frame's landmarks, normalised crop units).
         self.mouth_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
-        self.input_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
         self._last_landmarks: np.ndarray | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -245,51 +234,29 @@ class AvatarStream:
         self._tasks = []
         self.session.end_audio()
         self.pacer.clear()
-        self._queue.clear()
-        self.queued_samples = 0
+        self.speech.clear()
         self.closed_event.set()
 
-    # -- the timeline -------------------------------------------------------------------------
+    # -- the timeline (talkstream.streaming.timeline) -----------------------------------------
 
-    def _write(self, pcm: np.ndarray) -> None:
-        """Append int16 48 kHz samples to the timeline and feed them to the session."""
-        n = pcm.shape[0]
-        if n == 0:
-            return
-        cap = self._ring.shape[0]
-        if n > cap:  # only the tail can be replayed; the session still gets everything
-            self._write_ring(pcm[-cap:], self.written + n - cap)
-        else:
-            self._write_ring(pcm, self.written)
-        self.input_trace.append((self.written, _rms(pcm)))
-        self.written += n
-        self.session.push_audio(pcm, OUT_RATE_HZ)
+    @property
+    def written(self) -> int:
+        """Timeline samples written so far (48 kHz): the next input's position."""
+        return self.timeline.written
 
-    def _write_ring(self, pcm: np.ndarray, start: int) -> None:
-        cap = self._ring.shape[0]
-        i = start % cap
-        first = min(pcm.shape[0], cap - i)
-        self._ring[i : i + first] = pcm[:first]
-        self._ring[: pcm.shape[0] - first] = pcm[first:]
+    @property
+    def queued_samples(self) -> int:
+        """Presenter speech queued, not yet on the timeline (48 kHz samples)."""
+        return self.speech.queued_samples
 
-    def _write_silence(self, n: int) -> None:
-        if n > 0:
-            self._write(np.zeros(n, dtype=np.int16))
+    @property
+    def input_trace(self) -> deque[tuple[int, float]]:
+        """(timeline sample, RMS) per input chunk written; bounded."""
+        return self.timeline.trace
 
     def read_audio(self, start: int, n: int) -> np.ndarray:
         """Timeline samples ``[start, start + n)``, int16; silence where none are held."""
-        out = np.zeros(n, dtype=np.int16)
-        cap = self._ring.shape[0]
-        lo = max(start, self.written - cap, 0)
-        hi = min(start + n, self.written)
-        if hi > lo:
-            i = lo % cap
-            first = min(hi - lo, cap - i)
-            out[lo - start : lo - start + first] = self._ring[i : i + first]
-            rest = hi - lo - first
-            if rest:
-                out[lo - start + first : hi - start] = self._ring[:rest]
-        return out
+        return self.timeline.read(start, n)
 
     # -- live input ---------------------------------------------------------------------------
 
@@ -304,7 +271,7 @@ class AvatarStream:
             if self._in_resampler is None or self._in_resampler.in_rate_hz != rate:
                 self._in_resampler = StreamingResampler(rate, OUT_RATE_HZ)
             x = self._in_resampler.push(x)
-        pcm = _to_int16(x)
+        pcm = to_int16(x)
         n = pcm.shape[0]
         if frame.pts is not None and frame.time_base is not None:
             src = round(frame.pts * frame.time_base * OUT_RATE_HZ)
@@ -340,10 +307,10 @@ class AvatarStream:
             gap = pos - self.written
             if not first:  # before the first input, silence is just the idle avatar
                 self._count_filled(gap)
-            self._write_silence(gap)
-        if _rms(pcm) > SPEECH_RMS:
+            self.timeline.write_silence(gap)
+        if rms(pcm) > SPEECH_RMS:
             self.stats.speech_s += n / OUT_RATE_HZ
-        self._write(pcm)
+        self.timeline.write(pcm)
         self.clock.observe_input(self.written, now)
 
     def _count_filled(self, n: int) -> None:
@@ -362,27 +329,13 @@ class AvatarStream:
             QueueFullError: the queue would exceed ``max_queued_speech_s``.
             TypeError, ValueError: bad samples or rate.
         """
-        x = to_mono_float32(pcm)
-        if self._push_resampler is None or self._push_resampler.in_rate_hz != sample_rate:
-            self._push_resampler = StreamingResampler(sample_rate, OUT_RATE_HZ)
-        n_out = x.shape[0] * OUT_RATE_HZ // sample_rate
-        limit = int(self.cfg.max_queued_speech_s * OUT_RATE_HZ)
-        if self.queued_samples + n_out > limit:
-            raise QueueFullError(
-                f"presenter {self.name!r} has {self.queued_samples / OUT_RATE_HZ:.1f} s of "
-                f"speech queued; {n_out / OUT_RATE_HZ:.1f} s more would exceed the limit of "
-                f"{self.cfg.max_queued_speech_s:.0f} s"
-            )
-        y = _to_int16(self._push_resampler.push(x))
-        if y.shape[0]:
-            if _rms(y) > SPEECH_RMS:
-                self.stats.speech_s += y.shape[0] / OUT_RATE_HZ
-            self._queue.append(y)
-            self.queued_samples += y.shape[0]
+        y, n_in = self.speech.push(pcm, sample_rate)
+        if y.shape[0] and rms(y) > SPEECH_RMS:
+            self.stats.speech_s += y.shape[0] / OUT_RATE_HZ
         self.last_input_at = self.clock.now()
-        self.stats.input_s += x.shape[0] / sample_rate
+        self.stats.input_s += n_in / sample_rate
         if self.metrics is not None:
-            self.metrics.input_audio.inc(x.shape[0] / sample_rate)
+            self.metrics.input_audio.inc(n_in / sample_rate)
         return self.queued_samples / OUT_RATE_HZ
 
     def interrupt(self, at_frame: int | None = None) -> float:
@@ -400,18 +353,11 @@ class AvatarStream:
         Returns the seconds of queued speech dropped (not counting the cut part already on
         the timeline, at most the lead plus the latency budget).
         """
-        dropped = self.queued_samples / OUT_RATE_HZ
-        self._queue.clear()
-        self.queued_samples = 0
-        # A resampler's history belongs to the speech that was cut: start afresh.
-        self._push_resampler = None
+        dropped = self.speech.interrupt() / OUT_RATE_HZ  # the resampler starts afresh too
         if at_frame is None:
             at_frame = self.interrupt_frame()
         at_frame = max(at_frame, 0)
-        cut = at_frame * SAMPLES_PER_FRAME_48K
-        lo = max(cut, self.written - self._ring.shape[0])
-        if self.written > lo:
-            self._write_ring(np.zeros(self.written - lo, dtype=np.int16), lo)
+        self.timeline.silence_from(at_frame * SAMPLES_PER_FRAME_48K)
         self.session.interrupt(at_frame)
         self.pacer.drop_from(at_frame)
         if self._display_cache is not None and self._display_cache[0] >= at_frame:
@@ -436,21 +382,6 @@ class AvatarStream:
             on_screen, math.ceil(read / SAMPLES_PER_FRAME_48K), self._first_worth_rendering(), 0
         )
 
-    def _feed_from_queue(self, n: int) -> None:
-        while n > 0:
-            if not self._queue:
-                self._write_silence(n)
-                return
-            head = self._queue[0]
-            if head.shape[0] <= n:
-                self._queue.popleft()
-                take = head
-            else:
-                take, self._queue[0] = head[:n], head[n:]
-            self.queued_samples -= take.shape[0]
-            self._write(take)
-            n -= take.shape[0]
-
     # -- tasks --------------------------------------------------------------------------------
 
     def _top_up(self) -> None:
@@ -464,11 +395,11 @@ class AvatarStream:
             if fill_to > self.written:
                 if self._src_offset is not None:  # before any input, silence is just idle
                     self._count_filled(fill_to - self.written)
-                self._write_silence(fill_to - self.written)
+                self.timeline.write_silence(fill_to - self.written)
         else:
             feed_to = math.floor(target + self.cfg.presenter_lead_ms / 1000 * OUT_RATE_HZ)
             if feed_to > self.written:
-                self._feed_from_queue(feed_to - self.written)
+                self.speech.feed(self.timeline, feed_to - self.written)
 
     async def _tick_loop(self) -> None:
         try:

@@ -57,6 +57,7 @@ from talkstream.config import FPS
 from talkstream.engine.audio import StreamingResampler, to_mono_float32
 from talkstream.engine.pipeline import Frame, Session
 from talkstream.streaming.clock import OUT_RATE_HZ, SAMPLES_PER_FRAME_48K
+from talkstream.streaming.pacing import FramePacer
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,14 @@ class TalkstreamVideoGenerator(VideoGenerator):
         self._audio_end = 0.0  # when the audio handed over so far will have played
         self._segment_done = False  # the frame shown last ended its segment
 
-        self._rendered: deque[Frame] = deque(maxlen=4 * self.delay_frames + 8)
+        # Rendered frames waiting for their slot, and the drop-late rule (shared with
+        # AvatarStream and LiveLoop): slot i falls due at self._t0 + i * FRAME_S.
+        self.pacer: FramePacer[Frame] = FramePacer(
+            self._position,
+            budget_s=cfg.compute_budget_ms / 1000,
+            keep=4 * self.delay_frames + 8,
+            started_at=self._now(),
+        )
         self._frame_cache: tuple[int, rtc.VideoFrame] | None = None
         self._still: rtc.VideoFrame | None = None
         self._shown_pts = -1  # pts of the rendered frame shown last; -1: the photo
@@ -276,9 +284,7 @@ class TalkstreamVideoGenerator(VideoGenerator):
                 slot.pcm[:] = 0
             slot.last = False
         self.session.interrupt(cut)
-        kept = [f for f in self._rendered if f.pts < cut]
-        self._rendered.clear()
-        self._rendered.extend(kept)
+        self.pacer.drop_from(cut)
         if self._frame_cache is not None and self._frame_cache[0] >= cut:
             self._frame_cache = None
         self._segment_done = False
@@ -438,18 +444,19 @@ class TalkstreamVideoGenerator(VideoGenerator):
 
     # -- rendering ----------------------------------------------------------------------------
 
+    def _position(self, t: float) -> float:
+        """Display position (frames) at wall time ``t``; before the first slot, none."""
+        return -1.0 if self._t0 is None else (t - self._t0) / FRAME_S
+
     def _first_worth_rendering(self) -> int:
         # A frame that would finish rendering after its display time is worth nothing.
-        if self._t0 is None:
-            return 0
-        est = max(self.session.render_wall_s, 0.0)
-        return math.ceil((self._now() + est - self._t0) / FRAME_S)
+        return self.pacer.first_worth_rendering(self._now())
 
     async def _render_loop(self) -> None:
         try:
             async for frame in self.session.frames(skip_before=self._first_worth_rendering):
                 self.stats.frames_rendered += 1
-                self._rendered.append(frame)
+                self.pacer.add(frame.pts, frame, self._now(), self.session.render_wall_s)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -458,11 +465,9 @@ class TalkstreamVideoGenerator(VideoGenerator):
 
     def _video_frame(self, index: int) -> rtc.VideoFrame:
         """Frame ``index``: the newest rendered frame up to it (the photo before any)."""
-        frames = self._rendered
-        while len(frames) >= 2 and frames[1].pts <= index:
-            frames.popleft()
-        if frames and frames[0].pts <= index:
-            frame = frames[0]
+        self.pacer.relax(self._now())
+        frame, _ = self.pacer.show(index)
+        if frame is not None:
             if frame.pts == index:
                 self.stats.frames_fresh += 1
             self._shown_pts = frame.pts
@@ -494,7 +499,7 @@ class TalkstreamVideoGenerator(VideoGenerator):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._render_task
         self.session.end_audio()
-        self._rendered.clear()
+        self.pacer.clear()
         self._pending.clear()
 
 
