@@ -362,7 +362,7 @@ async def test_livekit_clear_buffer_renders_the_frames_after_the_cut_from_silenc
         n_before = len(rendered)
         gen.clear_buffer()
         assert sess.interrupts == 1
-        assert all(f.pts < cut for f in gen._rendered)  # frames of the cut speech dropped
+        assert all(f.pts < cut for f in gen.pacer.frames)  # frames of the cut speech dropped
         after: list[Any] = []
         for _ in range(20):
             after.append(await asyncio.wait_for(anext(stream), 5))
