@@ -91,8 +91,8 @@ def still_engine(default_avatar: Avatar) -> Iterator[Engine]:
 async def test_session_keepalive_and_timeout() -> None:
     """Keepalives hold a session past Janus's session_timeout; without them it ends, and the
     client sees the end (a request on it is a one-line JanusError)."""
-    with LocalJanus(session_timeout_s=2) as j:
-        kept = await janus.JanusSession.open(j.url, keepalive_s=0.5)
+    with LocalJanus(session_timeout_s=1) as j:
+        kept = await janus.JanusSession.open(j.url, keepalive_s=0.25)
         lapsed = await janus.JanusSession.open(j.url, keepalive_s=1000.0)
         try:
             handle = await kept.attach()
@@ -148,11 +148,14 @@ async def test_presenter_through_janus_to_several_viewers(
         async with await janus.JanusSession.open(local_janus.url) as s:
             listed = await janus.list_publishers(await s.attach(), room)
         assert [(p["id"], p["display"]) for p in listed] == [(pub.feed, "anna")]
-        await asyncio.sleep(1.0)  # every viewer has its keyframe
+        t_wait = time.monotonic()
+        while not all(len(v.stats.video_arrivals) >= 5 for v in viewers):  # each has a picture
+            assert time.monotonic() - t_wait < 10, [len(v.stats.video_arrivals) for v in viewers]
+            await asyncio.sleep(0.05)
         displayed0, t0 = stream.stats.frames_displayed, time.monotonic()
         stream.push_speech(speech, rate)
         t_speech = time.monotonic() + stream.budget["total_s"]  # when the voice plays
-        await asyncio.sleep(speech_s + 3.0)  # the sentence, then silence
+        await asyncio.sleep(speech_s + 2.5)  # the sentence, then silence
         elapsed = time.monotonic() - t0
         # Encoded once: our one video track was asked for ~25 frames per second, not 25 per
         # viewer (each aiortc viewer of `talkstream serve` is its own track and encoder).
@@ -265,7 +268,7 @@ async def test_browser_watches_through_janus(
                         "window.viewer.state === 'playing' || window.viewer.state === 'error'",
                         timeout=20_000,
                     )
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(0.5)
                     buf = io.BytesIO()
                     soundfile.write(buf, speech, rate, format="WAV", subtype="PCM_16")
                     t_push = time.time()
@@ -275,7 +278,7 @@ async def test_browser_watches_through_janus(
                         headers={"Content-Type": "audio/wav"},
                     ) as r:
                         assert r.status == 200, await r.text()
-                    await asyncio.sleep(speech_s + 3.0)
+                    await asyncio.sleep(speech_s + 2.5)
                     v = await page.evaluate("window.viewer")
                 finally:
                     await browser.close()

@@ -197,20 +197,20 @@ def _envelope(x: np.ndarray, hop: int = 640) -> np.ndarray:
 
 @requires_pyaudio
 def test_cli_live_to_file(tmp_path: Path) -> None:
-    home, speech = file_mic_home(tmp_path, seconds=3.0)
+    home, speech = file_mic_home(tmp_path, seconds=2.0)
     out = tmp_path / "live.mp4"
     proc = run_cli(
-        home, "live", "--out", str(out), "--duration", "2", "--input-device", FILE_MIC,
+        home, "live", "--out", str(out), "--duration", "1", "--input-device", FILE_MIC,
         "--pace-input", "--no-cache", "--threads", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "ALSA lib" not in proc.stderr and "Traceback" not in proc.stderr
-    assert "live done: 2.00 s of audio" in proc.stdout and "50 frames at 25 fps" in proc.stdout
+    assert "live done: 1.00 s of audio" in proc.stdout and "25 frames at 25 fps" in proc.stdout
     n, fps, audio, rate = _probe(out)
-    assert n == 50 and fps == 25.0 and rate == 16_000
-    assert len(audio) / rate == pytest.approx(2.0, abs=0.07)  # AAC priming/padding aside
+    assert n == 25 and fps == 25.0 and rate == 16_000
+    assert len(audio) / rate == pytest.approx(1.0, abs=0.07)  # AAC priming/padding aside
     # The muxed audio is what the microphone said (AAC is lossy: compare loudness envelopes).
-    ref, got = _envelope(speech[:32_000] / 32768.0), _envelope(audio)
+    ref, got = _envelope(speech[:16_000] / 32768.0), _envelope(audio)
     m = min(len(ref), len(got))
     assert np.corrcoef(ref[:m], got[:m])[0, 1] > 0.9
     assert not list(tmp_path.glob("tmp*.mp4"))

@@ -292,7 +292,10 @@ async def test_janus_hangup_stops_the_live_run(
     capture = ThreadCapture(pcm, loop, 16_000, realtime=True)
     run = asyncio.ensure_future(asyncio.to_thread(loop.run, capture, threading.Event()))
     try:
-        await asyncio.sleep(1.0)
+        t_start = time.monotonic()
+        while loop.stats.frames_out < 5:  # publishing: the first frames have gone out
+            assert not run.done() and time.monotonic() - t_start < 10.0, loop.stats
+            await asyncio.sleep(0.05)
         async with await janus.JanusSession.open(local_janus.url) as s:
             await janus.destroy_room(await s.attach(), room)
         t_destroy = time.monotonic()
@@ -311,19 +314,19 @@ async def test_janus_hangup_stops_the_live_run(
 @needs_janus[1]
 async def test_cli_live_janus(local_janus: LocalJanus, tmp_path: Path) -> None:
     """``talkstream live --janus`` end to end on the ALSA file microphone of ``test_mic``."""
-    home, _ = file_mic_home(tmp_path, seconds=3.0)
+    home, _ = file_mic_home(tmp_path, seconds=2.0)
     proc = await asyncio.to_thread(
         run_cli,
         home, "live", "--janus", local_janus.url, "--room", "2103", "--display", "cli",
-        "--ice-local-only", "--duration", "2", "--input-device", FILE_MIC, "--pace-input",
+        "--ice-local-only", "--duration", "1", "--input-device", FILE_MIC, "--pace-input",
         "--no-cache", "--threads", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "ALSA lib" not in proc.stderr
     out = proc.stdout
-    assert "live done: 2.00 s of audio" in out and "50 frames at 25 fps" in out, out
+    assert "live done: 1.00 s of audio" in out and "25 frames at 25 fps" in out, out
     assert f"published to Janus room 2103 at {local_janus.url} (feed " in out, out
-    assert "50 video frames, 2.00 s of audio" in out and "peer stalled" not in out, out
+    assert "25 video frames, 1.00 s of audio" in out and "peer stalled" not in out, out
     await _left_room(local_janus, 2103)
 
 

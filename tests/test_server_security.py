@@ -32,7 +32,7 @@ import soundfile
 from talkstream import cli
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
-from talkstream.streaming.client import SpeechTrack, connect
+from talkstream.streaming.client import ClientPeer, SpeechTrack, connect
 from talkstream.streaming.config import ServeConfig
 from talkstream.streaming.decode import DecodeLimits, decode_audio_capped
 from talkstream.streaming.security import AccessPolicy, JsonInputError, json_depth, parse_json
@@ -422,13 +422,16 @@ async def test_killed_client_is_reaped_and_live_one_kept(
     async with running_server(
         warm_engine, default_avatar, peer_silence_timeout_s=2.5, idle_timeout_s=60.0
     ) as h:
-        live = await connect(h.url, mic=SpeechTrack(speech_48k(1.0), loop=True), session=h.http)
+        live: ClientPeer | None = None
+        # The doomed client's interpreter starts while the live one connects.
         proc = subprocess.Popen(
             [sys.executable, "-c", _KILLED_CLIENT, h.url],
             stdout=subprocess.PIPE,
             text=True,
         )
         try:
+            live = await connect(h.url, mic=SpeechTrack(speech_48k(1.0), loop=True), session=h.http)
+            t_live = time.monotonic()
             loop = asyncio.get_running_loop()
             line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 60)
             sid = line.strip()
@@ -439,25 +442,28 @@ async def test_killed_client_is_reaped_and_live_one_kept(
             assert await wait_for(lambda: sid not in h.manager.peers, 10)
             print(f"killed client reaped after {time.monotonic() - t0:.1f} s")
             assert time.monotonic() - t0 < 7  # was ~30 s (ICE consent) and more
-            # The live client answers with RTCP all along: kept past the silence timeout.
+            # The live client answers with RTCP all along: kept past the silence timeout (a
+            # reaper deaf to its RTCP closes it within 2.5 s + one 1 s sweep of connecting).
             assert live.session_id in h.manager.peers
-            await asyncio.sleep(3.0)
+            await asyncio.sleep(max(0.0, t_live + 2.5 + 2.0 - time.monotonic()))
             assert live.session_id in h.manager.peers
         finally:
             proc.kill()
             proc.wait()
-            await live.close()
+            if live is not None:
+                await live.close()
 
 
 async def test_paused_pusher_keeps_its_presenter_and_close_is_explicit(
     warm_engine: Engine, default_avatar: Avatar
 ) -> None:
-    async with running_server(warm_engine, default_avatar, idle_timeout_s=1.0) as h:
+    async with running_server(warm_engine, default_avatar, idle_timeout_s=0.5) as h:
         pcm = (np.zeros(1600, np.int16)).tobytes()
         async with h.http.ws_connect(h.url + "/presenters/p/ws?rate=16000") as ws:
             await ws.send_bytes(pcm)
             assert (await ws.receive_json())["type"] == "ack"
-            await asyncio.sleep(3.0)  # a pause beyond the idle timeout
+            # A pause of three idle timeouts (a dozen reaper sweeps of idle_timeout_s / 4).
+            await asyncio.sleep(1.5)
             stream = h.manager.presenters["p"].stream
             await ws.send_bytes(pcm)
             assert (await ws.receive_json())["type"] == "ack"

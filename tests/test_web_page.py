@@ -4,7 +4,7 @@ get a watch-only page that never asks for the microphone, and the page carries t
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,7 +108,12 @@ async def test_preview_and_watch_only_page_with_token(
             await page.wait_for_function(
                 "window.talkstream && window.talkstream.state === 'connected'", timeout=20_000
             )
-            await asyncio.sleep(3.0)
+            # Up to 3 s for more than 25 frames (or an error): the same floor as a fixed 3 s
+            # wait, without waiting out the 3 s when the frames come sooner.
+            with contextlib.suppress(playwright_api.TimeoutError):
+                await page.wait_for_function(
+                    "talkstream.error || talkstream.presented.length > 25", timeout=3_000
+                )
             ts = await page.evaluate(
                 "({n: talkstream.presented.length, error: talkstream.error, gum: window.__gum})"
             )

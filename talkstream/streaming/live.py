@@ -652,12 +652,10 @@ def _cmd_live(
         with AudioSystem() as system:
             print(list_devices(system))
         return 0
-    # The config tree, built once: the engine section and this command's live section.
-    root = Config(engine=engine_config(a), live=_config_from_args(a))
-    cfg = root.live
-    assert cfg is not None
+    cfg = _config_from_args(a)
     cfg.validate()
-    # Fail fast, before a model loads, on what can be checked without one.
+    # Fail fast, before a model loads (and before the engine section imports torch), on what
+    # can be checked without one.
     if cfg.output == "file":
         from talkstream.engine.render import check_out_path
 
@@ -669,9 +667,20 @@ def _cmd_live(
 
         asyncio.run(check_target(cfg.publish))  # an unreachable SFU: one line, no mic opened
     else:
-        from talkstream.streaming.vcam import import_pyvirtualcam
+        import sys
+
+        from talkstream.streaming.vcam import import_pyvirtualcam, loopback_devices, platform_help
 
         import_pyvirtualcam()
+        # On Linux the kernel lists its v4l2loopback devices: with none, no camera can open,
+        # so say so now rather than after the model has loaded and warmed up.
+        if sys.platform.startswith("linux") and not loopback_devices():
+            raise TalkstreamError(
+                "no virtual camera device: the kernel lists no v4l2loopback device; "
+                + platform_help()
+            )
+    # The config tree, built once: the engine section and this command's live section.
+    root = Config(engine=engine_config(a), live=cfg)
     stop = threading.Event()
     with AudioSystem() as system:
         device = select_input_device(system.input_devices(), cfg.input_device)
