@@ -272,7 +272,6 @@ def analyse_browser(
     return out
 
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_agent.py"
 SENTENCES = [x.strip() + "." for x in TEXT.split(".") if x.strip()]
 PIPECAT_WPM = 160  # EspeakTTSService's default rate
 
@@ -298,30 +297,20 @@ async def pipecat_run(
 ) -> dict[str, Any]:
     """The pipecat example agent (SmallWebRTC, espeak-ng TTS, TalkstreamVideoService) speaking
     the script to headless Chromium; the page's own captures (voice level, grey face crops)."""
-    import importlib.util
-
-    from aiohttp import web
     from playwright.async_api import async_playwright
 
     from talkstream.benchmarking.browser import CHROMIUM_FLAGS
+    from talkstream.benchmarking.local import listen_on_loopback, load_example
     from talkstream.streaming.sdp import use_loopback_ice
 
-    spec = importlib.util.spec_from_file_location("pipecat_agent_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = load_example()
     use_loopback_ice()
     options = {} if backend is None else {"backend": backend}
     agent = example.Agent(
         example.AgentConfig(script=SENTENCES, words_per_minute=PIPECAT_WPM, service_options=options)
     )
     await agent.load()
-    runner = web.AppRunner(agent.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await listen_on_loopback(agent.app())
     try:
         async with async_playwright() as p:
             ctx = await p.chromium.launch_persistent_context(

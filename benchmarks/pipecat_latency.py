@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -52,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from talkstream.benchmarking.browser import CHROMIUM_FLAGS, find_chromium
+from talkstream.benchmarking.local import load_example, serve_app
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_agent.py"
 SENTENCES = (
     "Hello there, how are you doing today?",
     "The quick brown fox jumps over the lazy dog, again and again.",
@@ -65,15 +62,6 @@ QUIET_RMS = 0.003
 QUIET_HOLD_S = 0.3
 MOUTH_MIN_DIFF = 1.0
 FRAME_S = 0.04
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pipecat_agent_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def median(xs: list[float]) -> float | None:
@@ -134,21 +122,6 @@ def instrumented_service_class() -> type:
     return Timed
 
 
-@contextlib.asynccontextmanager
-async def serve(agent: Any) -> AsyncIterator[str]:
-    from aiohttp import web
-
-    runner = web.AppRunner(agent.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 def first_above(times: np.ndarray, values: np.ndarray, after: float, thr: float) -> float | None:
     """First time > ``after`` where ``values`` exceed ``thr``."""
     idx = np.flatnonzero((times > after) & (values > thr))
@@ -193,7 +166,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
     load_s = time.perf_counter() - t0
     results: dict[str, Any] = {"load_s": round(load_s, 1), "utterances": []}
     try:
-        async with serve(agent) as url, async_playwright() as p:
+        async with serve_app(agent.app()) as url, async_playwright() as p:
             browser = await p.chromium.launch_persistent_context(
                 str(args.tmp / "profile"),
                 executable_path=chromium,

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import importlib.util
 import shutil
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,15 +26,14 @@ playwright_api = pytest.importorskip(
     "playwright.async_api", reason="Python playwright is not installed (pip install playwright)"
 )
 
-from aiohttp import web  # noqa: E402
 
 from talkstream.benchmarking.browser import CHROMIUM_FLAGS  # noqa: E402
+from talkstream.benchmarking.local import load_example, serve_app  # noqa: E402
 from talkstream.engine.landmarks import DlibDetector  # noqa: E402
 from talkstream.streaming.sdp import use_loopback_ice  # noqa: E402
 from talkstream.training.evaluate import inner_lip_opening, pearson  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_agent.py"
 SCRIPT = [
     "Hello there, how are you doing today?",
     "I am a talking face, and my lips move with my voice.",
@@ -60,28 +54,6 @@ pytestmark = [
         reason="espeak-ng is not installed (apt-get install espeak-ng)",
     ),
 ]
-
-
-def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pipecat_agent_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@contextlib.asynccontextmanager
-async def serve(agent: Any) -> AsyncIterator[str]:
-    runner = web.AppRunner(agent.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def mouth_openings(faces: list[list[Any]], face_box: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +95,7 @@ async def test_agent_in_browser_lips_follow_voice(
     assert not agent.engine.random_init, "the shipped checkpoint is missing"
     try:
         async with (
-            serve(agent) as url,
+            serve_app(agent.app()) as url,
             playwright_api.async_playwright() as p,
         ):
             browser = await p.chromium.launch_persistent_context(

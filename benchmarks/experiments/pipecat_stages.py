@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -281,28 +280,20 @@ def make_agent(example: Any, rec: Recorder, options: dict[str, Any]) -> Any:
 
 
 async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[str, Any]]:
-    from aiohttp import web
     from playwright.async_api import async_playwright
 
     from talkstream.benchmarking.browser import CHROMIUM_FLAGS
+    from talkstream.benchmarking.local import listen_on_loopback, load_example
     from talkstream.streaming.sdp import use_loopback_ice
 
-    spec = importlib.util.spec_from_file_location("pipecat_agent_example", bl.EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = load_example()
     use_loopback_ice()
     rec = Recorder()
     install(rec, variant)
     agent = make_agent(example, rec, {})
     await agent.load()
     rec.box = example.boxes(agent.avatar)[0]
-    runner = web.AppRunner(agent.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    runner, url = await listen_on_loopback(agent.app())
     got: dict[str, Any] = {}
 
     async def lag_probe() -> None:  # the event loop's lateness, every 10 ms

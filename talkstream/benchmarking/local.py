@@ -9,7 +9,10 @@
   torn down on exit (loopback-only ICE);
 - :func:`serve_in_background`: the same server in a thread with its own event loop, for
   synchronous callers (the browser harness, scripts);
-- :func:`local_server`: load, warm up and serve :func:`local_engine`.
+- :func:`local_server`: load, warm up and serve :func:`local_engine`;
+- :func:`listen_on_loopback` / :func:`serve_app`: any aiohttp app (the pipecat example's) on a
+  free 127.0.0.1 port;
+- :func:`load_example`: a script of the repository's ``examples/`` as a module.
 
 Light on import: torch, aiohttp and the server are imported when a function runs.
 """
@@ -20,8 +23,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib.util
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from talkstream.errors import TalkstreamError
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
 LANDMARK_GAIN = 30.0
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 30.0
+# The repository's examples (a source checkout: tests and benchmark scripts load them).
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def gain_landmarks(models: Models, gain: float) -> Models:
@@ -96,6 +105,43 @@ class LocalServer:
     url: str
     app: web.Application
     manager: SessionManager
+
+
+def load_example(name: str = "pipecat_agent") -> ModuleType:
+    """``examples/<name>.py`` of this checkout, imported as module ``<name>_example``."""
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    if spec is None or spec.loader is None:
+        raise TalkstreamError(f"{path} is not there: examples ship with the source checkout")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses of the example resolve their module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def listen_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free 127.0.0.1 port in the running loop: (its runner, to clean up
+    when done, and its URL)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, f"http://127.0.0.1:{int(runner.addresses[0][1])}"
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """:func:`listen_on_loopback` for the ``async with`` block; yields the URL."""
+    runner, url = await listen_on_loopback(app)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

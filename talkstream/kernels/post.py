@@ -259,6 +259,20 @@ def _check_image(a: Any, name: str, *, dtypes: tuple[str, ...] = ("uint8",)) -> 
         raise TypeError(f"{name} must have dtype {' or '.join(dtypes)}, got {dtype}")
 
 
+def _check_paste_shapes(background: Any, face: Any, pmap: PasteMap) -> int:
+    """The frame and face sizes ``pmap`` was built for; returns its crop size."""
+    h_frame, w_frame = int(background.shape[0]), int(background.shape[1])
+    if (h_frame, w_frame) != tuple(pmap.frame_hw):
+        raise ValueError(
+            f"background is {h_frame}x{w_frame} but the paste map was built for "
+            f"{pmap.frame_hw[0]}x{pmap.frame_hw[1]} frames"
+        )
+    s = pmap.crop_size
+    if tuple(face.shape) != (s, s, 3):
+        raise ValueError(f"face must have shape ({s}, {s}, 3) for this paste map, got {face.shape}")
+    return s
+
+
 def paste_back(
     background: Any,
     face: Any,
@@ -296,15 +310,7 @@ def paste_back(
         raise TypeError(
             f"pmap arrays are not {xp.__name__} arrays: call pmap.to({xp.__name__}) once first"
         )
-    h_frame, w_frame = int(background.shape[0]), int(background.shape[1])
-    if (h_frame, w_frame) != tuple(pmap.frame_hw):
-        raise ValueError(
-            f"background is {h_frame}x{w_frame} but the paste map was built for "
-            f"{pmap.frame_hw[0]}x{pmap.frame_hw[1]} frames"
-        )
-    s = pmap.crop_size
-    if tuple(face.shape) != (s, s, 3):
-        raise ValueError(f"face must have shape ({s}, {s}, 3) for this paste map, got {face.shape}")
+    s = _check_paste_shapes(background, face, pmap)
     if out is None:
         out = background.copy()
     else:
@@ -443,15 +449,7 @@ def paste_back_torch(
     for name, a in (("face", face), ("pmap", pmap.alpha)):
         if a.device != background.device:
             raise ValueError(f"{name} is on {a.device} but background is on {background.device}")
-    h_frame, w_frame = int(background.shape[0]), int(background.shape[1])
-    if (h_frame, w_frame) != tuple(pmap.frame_hw):
-        raise ValueError(
-            f"background is {h_frame}x{w_frame} but the paste map was built for "
-            f"{pmap.frame_hw[0]}x{pmap.frame_hw[1]} frames"
-        )
-    s = pmap.crop_size
-    if tuple(face.shape) != (s, s, 3):
-        raise ValueError(f"face must have shape ({s}, {s}, 3) for this paste map, got {face.shape}")
+    s = _check_paste_shapes(background, face, pmap)
     if out is None:
         out = background.clone()
     else:
