@@ -480,10 +480,9 @@ class TalkstreamVideoService(FrameProcessor):
     async def _emit(self, stream: AvatarStream, index: int) -> None:
         a = index * SAMPLES_PER_FRAME_48K
         b = a + SAMPLES_PER_FRAME_48K
-        # The image first (its colour conversion takes a few ms), so that the audio block and
+        # The image first (its copy into the frame takes a little time), so that the audio block and
         # the image showing it leave back to back.
-        vf = stream.video_frame(index)
-        rgb = vf.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+        rgb = stream.display_image(index)  # (H, W, 3) uint8, the frame pipecat encodes itself
         image = OutputImageRawFrame(
             image=rgb.tobytes(), size=(rgb.shape[1], rgb.shape[0]), format="RGB"
         )

@@ -41,7 +41,7 @@ from av import AudioFrame, VideoFrame
 
 from talkstream.engine.audio import StreamingResampler, to_mono_float32
 from talkstream.engine.avatar import Avatar
-from talkstream.engine.compose import i420_host
+from talkstream.engine.compose import i420_host, to_host
 from talkstream.engine.pipeline import Engine, Frame
 from talkstream.streaming.clock import (
     AUDIO_PTIME_SAMPLES,
@@ -192,7 +192,9 @@ class AvatarStream:
             keep=MAX_RENDERED_FRAMES,
             started_at=now(),
         )
-        self._display_cache: tuple[int, np.ndarray] | None = None
+        # The frame shown as the newest displayed index: (index, its image, its yuv420p planes
+        # once an encoder asked for them). Bookkeeping and conversions happen once per index.
+        self._display_cache: tuple[int, Any, np.ndarray | None] | None = None
         self._last_display_t: float | None = None
         self.last_input_at = now()
         self.created_at = now()
@@ -463,16 +465,32 @@ class AvatarStream:
         frame caches a scaler that must not be shared between threads), but the colour
         conversion to yuv420p is done once per displayed index and shared.
         """
-        cache = self._display_cache
-        if cache is None or cache[0] != index:
-            cache = (index, self._display_yuv(index))
-            self._display_cache = cache
-        vf = VideoFrame.from_ndarray(cache[1], format="yuv420p")
+        _, image, yuv = self._shown(index)
+        if yuv is None:
+            yuv = video_planes(image)
+            self._display_cache = (index, image, yuv)
+        vf = VideoFrame.from_ndarray(yuv, format="yuv420p")
         vf.pts = self.clock.video_pts(index)
         vf.time_base = VIDEO_TIME_BASE
         return vf
 
-    def _display_yuv(self, index: int) -> np.ndarray:
+    def display_image(self, index: int) -> np.ndarray:
+        """The (H, W, 3) uint8 RGB host image to show as frame ``index`` (the frame
+        :meth:`video_frame` encodes, odd sizes cropped to even the same way), for outputs that
+        take RGB (the pipecat service): no round trip through yuv420p."""
+        image = self._shown(index)[1]
+        h, w = int(image.shape[0]), int(image.shape[1])
+        return to_host(image[: h - h % 2, : w - w % 2])
+
+    def _shown(self, index: int) -> tuple[int, Any, np.ndarray | None]:
+        """The display cache for ``index``: pick its frame (and count it) once per index."""
+        cache = self._display_cache
+        if cache is None or cache[0] != index:
+            cache = (index, self._pick_display(index), None)
+            self._display_cache = cache
+        return cache
+
+    def _pick_display(self, index: int) -> Any:
         frame, fresh = self.pacer.show(index)
         # Nothing rendered yet: the still photo.
         image = frame.image if frame is not None else self.avatar.image
@@ -488,7 +506,7 @@ class AvatarStream:
             st.frames_repeated += 1
             if self.metrics is not None:
                 self.metrics.frames_repeated.inc()
-        return video_planes(image)
+        return image
 
     def budget_ms(self) -> dict[str, float]:
         """The latency budget in milliseconds, JSON-ready: ``algorithmic_ms``, ``jitter_ms``,
