@@ -52,6 +52,19 @@ def test_output_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path, tiny_engi
     assert out.stat().st_mode & 0o777 == 0o640 and out.stat().st_size > 100
 
 
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _signal_state(pid: int) -> str:
+    """The child's signal masks as the kernel reports them (for a failure message)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as e:
+        return f"(no /proc status: {e})"
+    return " ".join(x.replace("\t", "") for x in lines if x.startswith(("State", "Sig", "Shd")))
+
+
 @pytest.mark.slow
 def test_sigterm_mid_render_removes_the_temp_file(tmp_path: Path) -> None:
     """A real ``talkstream render`` process, terminated once its temp file exists."""
@@ -75,7 +88,11 @@ def test_sigterm_mid_render_removes_the_temp_file(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A signal mask inherited from whatever started pytest must not hold SIGTERM pending
+        # (a CI run once saw the render finish with exit 0 after SIGTERM).
+        preexec_fn=_unblock_sigterm,
     )
+    state = ""
     try:
         deadline = time.monotonic() + 120
         while not list(out_dir.glob("tmp*.mp4")):
@@ -83,13 +100,14 @@ def test_sigterm_mid_render_removes_the_temp_file(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the render never started writing"
             time.sleep(0.05)
         time.sleep(0.5)  # frames are being encoded into it now
+        state = _signal_state(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + signal.SIGTERM, f"{state}\n{err}"
     assert "terminated" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []  # neither the temp file nor a partial x.mp4
 
