@@ -77,8 +77,13 @@ demo: setup
 	$(VENV)/bin/talkstream render --out out.mp4
 	$(VENV)/bin/talkstream serve
 
+# Two worker processes, one test file each at a time: the suite mostly waits (browsers, Janus,
+# Ray, servers) and kept one of CI's two cores busy on average; -n 2 took it from 376 s to
+# 226-240 s (docs/decisions.md). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: setup-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup-test
 	$(VENV)/bin/ruff check talkstream tests benchmarks
