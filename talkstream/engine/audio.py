@@ -21,6 +21,7 @@ recent samples, and large pushes are processed in fixed-size pieces.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Generator, Iterator
@@ -213,6 +214,12 @@ class _SampleBuffer:
             )
         return self._data[lo:hi]
 
+    def clone(self) -> _SampleBuffer:
+        """An independent copy (its own array)."""
+        new = copy.copy(self)
+        new._data = self._data.copy()
+        return new
+
     def discard_before(self, start_abs: int) -> None:
         """Forget samples with absolute index below ``start_abs``."""
         drop = start_abs - self._start_abs
@@ -318,6 +325,12 @@ class StreamingResampler:
             RESAMPLER_SEGMENT_SAMPLES + 2 * self._n_taps, start_abs=-(self._half_taps - 1)
         )
         self._buffer.append(np.zeros(self._half_taps - 1))
+
+    def clone(self) -> StreamingResampler:
+        """An independent copy of the stream's state (the filter table is shared: read-only)."""
+        new = copy.copy(self)
+        new._buffer = self._buffer.clone()
+        return new
 
     @property
     def latency_samples(self) -> int:
@@ -635,6 +648,14 @@ class MelFrontend:
         self._flushed = False
         self.frames_emitted = 0
         self.samples_received_16k = 0
+
+    def clone(self) -> MelFrontend:
+        """An independent copy of the stream's state: pushing the same audio into the copy
+        and into the original gives the same frames (the mel kernel is shared: read-only)."""
+        new = copy.copy(self)
+        new._buffer = self._buffer.clone()
+        new._resampler = None if self._resampler is None else self._resampler.clone()
+        return new
 
     @property
     def sample_rate_hz(self) -> int | None:

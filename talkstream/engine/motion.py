@@ -15,6 +15,7 @@ attention, trading accuracy for latency without a new model.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -252,6 +253,12 @@ class MotionStreamer:
     @property
     def rows_received(self) -> int:
         return self._row_base + self._rows.shape[0]
+
+    def clone(self) -> MotionStreamer:
+        """An independent copy of the stream's state (rows are silenced in place)."""
+        new = copy.copy(self)
+        new._rows = self._rows.copy()
+        return new
 
     def push_mel(self, rows: np.ndarray) -> None:
         if self._ended:

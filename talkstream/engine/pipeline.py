@@ -507,6 +507,12 @@ class Session:
         # so that frames() can drop frames rendered from windows taken before a cut.
         self.interrupts = 0
         self._cuts: deque[tuple[int, int]] = deque(maxlen=64)
+        # Rewind points (see ``rewind``): the audio state at each of the last
+        # ``rewind_frames`` frame starts, as (frame, frontend, streamer). Off (0) by default.
+        self.rewind_frames = 0
+        self._rewind_points: deque[tuple[int, MelFrontend, MotionStreamer]] = deque()
+        self._samples_in = 0  # input samples pushed (at the first push's rate)
+        self._samples_per_frame_in: int | None = None  # None: that rate has no whole frames
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -515,8 +521,73 @@ class Session:
         with self._lock:
             if self._ended:
                 raise RuntimeError("push_audio() after end_audio(): the session's audio ended")
-            self.streamer.push_mel(self.frontend.push(pcm, sample_rate))
+            if self.rewind_frames <= 0:
+                self._push(pcm, sample_rate)
+            else:
+                self._push_keeping_rewind_points(pcm, sample_rate)
         self._wake()
+
+    def _push(self, pcm: np.ndarray, sample_rate: int) -> None:
+        self.streamer.push_mel(self.frontend.push(pcm, sample_rate))
+        self._samples_in += pcm.shape[0]
+
+    def _push_keeping_rewind_points(self, pcm: np.ndarray, sample_rate: int) -> None:
+        # Split the chunk at frame starts and keep the audio state at each (see rewind).
+        if self._samples_in == 0:
+            self._samples_per_frame_in = sample_rate // FPS if sample_rate % FPS == 0 else None
+        spf = self._samples_per_frame_in
+        if spf is None:
+            self._push(pcm, sample_rate)
+            return
+        pos, n = 0, pcm.shape[0]
+        while pos < n:
+            if self._samples_in % spf == 0:
+                self._keep_rewind_point(self._samples_in // spf)
+            take = min(n - pos, spf - self._samples_in % spf)
+            self._push(pcm[pos : pos + take], sample_rate)
+            pos += take
+
+    def _keep_rewind_point(self, frame: int) -> None:
+        points = self._rewind_points
+        if points and points[-1][0] >= frame:
+            return
+        points.append((frame, self.frontend.clone(), self.streamer.clone()))
+        while len(points) > self.rewind_frames:
+            points.popleft()
+
+    def rewind(self, at_frame: int) -> bool:
+        """Take back the audio pushed from frame ``at_frame``'s start on; the next push
+        continues from there. Returns False (nothing changed) when that point is not held.
+
+        For a presenter whose speech arrives while the avatar idles: the silence already fed
+        ahead of the display (the latency budget's worth) is replaced by the speech, so the
+        voice and lips start at the next frame that can still change instead of after that
+        silence. Needs ``rewind_frames`` > 0 (the last that many frame starts are held) and a
+        sample rate with a whole number of samples per frame. Frames from ``at_frame`` on that
+        were already taken are taken again (``frames()`` drops the old renders, as after
+        ``interrupt``); frames before it are not, and those not yet taken see the new audio
+        in their lookahead. Frame indices go on unchanged. Thread-safe.
+        """
+        with self._lock:
+            if self._ended:
+                return False
+            spf = self._samples_per_frame_in
+            point = next((p for p in self._rewind_points if p[0] == at_frame), None)
+            if spf is None or point is None or at_frame * spf > self._samples_in:
+                return False
+            _, frontend, streamer = point
+            emitted = self.streamer.next_frame
+            self.frontend = frontend.clone()
+            self.streamer = streamer.clone()
+            # Frames already taken before the cut stay taken; later ones are taken again.
+            self.streamer.next_frame = max(self.streamer.next_frame, min(emitted, at_frame))
+            self._samples_in = at_frame * spf
+            while self._rewind_points and self._rewind_points[-1][0] > at_frame:
+                self._rewind_points.pop()
+            self.interrupts += 1
+            self._cuts.append((self.interrupts, at_frame))
+        self._wake()
+        return True
 
     def end_audio(self) -> None:
         """No more audio: the remaining frames (up to the audio's duration) become ready."""
@@ -552,6 +623,8 @@ class Session:
             # The first mel row whose STFT window starts after the speech (one row of margin).
             clean_row = -(-(speech_end + acfg.n_fft // 2) // acfg.hop_samples) + 1
             self.streamer.interrupt(at_frame, clean_row, keep_past=keep_past)
+            # A rewind past this cut would bring back the speech it silenced.
+            self._rewind_points.clear()
             self.interrupts += 1
             self._cuts.append((self.interrupts, max(at_frame, 0)))
         self._wake()

@@ -37,6 +37,11 @@ class StreamConfig:
     # Presenter speech is fed to the session this far ahead of the clock: frames can render
     # early, and an interrupt still takes effect within about this much.
     presenter_lead_ms: float = 40.0
+    # Presenter speech that arrives while the avatar idles replaces the silence already fed
+    # ahead of the display (the latency budget's worth) instead of queueing behind it: voice
+    # and lips start at the next frame that can still change (Session.rewind). False: the
+    # speech starts after that silence, the latency budget later (the old behaviour).
+    early_speech_start: bool = True
     # Queued presenter speech beyond this is refused (429), so memory stays bounded.
     max_queued_speech_s: float = 120.0
     # Live input that runs further ahead of the clock than this is dropped (a flooding sender).

@@ -102,6 +102,26 @@ class AudioTimeline:
         if self.written > lo:
             self._put(np.zeros(self.written - lo, dtype=np.int16), lo)
 
+    def rewind(self, start: int) -> None:
+        """Take back the samples from ``start`` on: they read as silence and the next write
+        goes at ``start``. The sink is not told (the caller rewinds it). ``start`` must lie
+        within what was written and is still held."""
+        if not self.written - self._ring.shape[0] <= start <= self.written:
+            raise ValueError(
+                f"cannot rewind to sample {start}: held are "
+                f"{max(self.written - self._ring.shape[0], 0)}..{self.written}"
+            )
+        self.silence_from(start)
+        self.written = start
+        while self.trace and self.trace[-1][0] >= start:
+            self.trace.pop()
+
+    def last_sound(self, start: int) -> int | None:
+        """Position of the last non-zero sample held from ``start`` on, None if all silent."""
+        lo = max(start, self.written - self._ring.shape[0], 0)
+        nz = np.flatnonzero(self.read(lo, self.written - lo)) if self.written > lo else []
+        return lo + int(nz[-1]) if len(nz) else None
+
     def read(self, start: int, n: int) -> np.ndarray:
         """Samples ``[start, start + n)``, int16; silence where none are held."""
         out = np.zeros(n, dtype=np.int16)

@@ -68,6 +68,9 @@ MAX_RENDERED_FRAMES = 16
 MAX_TRACK_LAG_S = 0.1
 # Live input this far behind the timeline is a stream resuming after a stall: re-anchored.
 REANCHOR_BEHIND_S = 0.5
+# Frame starts a presenter's session can rewind to (early_speech_start): more than the
+# latency budget plus the presenter lead ahead of the display (165 + 40 ms for tiny).
+REWIND_FRAMES = 16
 # Input louder than this (RMS, full scale 1) counts as speech in the stats.
 SPEECH_RMS = 0.01
 
@@ -156,6 +159,8 @@ class AvatarStream:
         self.metrics = metrics
         self.session = engine.session(avatar, seed=seed, lookahead=lookahead)
         self.session.max_batch = cfg.frames_per_call
+        if mode == "presenter" and cfg.early_speech_start:
+            self.session.rewind_frames = REWIND_FRAMES
         algorithmic = self.session.latency_s
         jitter = cfg.jitter_budget_ms / 1000 if mode == "live" else 0.0
         compute = cfg.compute_budget_ms / 1000
@@ -331,7 +336,10 @@ class AvatarStream:
             QueueFullError: the queue would exceed ``max_queued_speech_s``.
             TypeError, ValueError: bad samples or rate.
         """
+        was_idle = self.speech.queued_samples == 0
         y, n_in = self.speech.push(pcm, sample_rate)
+        if was_idle and y.shape[0] and self.mode == "presenter" and self.cfg.early_speech_start:
+            self._start_speech_early()
         if y.shape[0] and rms(y) > SPEECH_RMS:
             self.stats.speech_s += y.shape[0] / OUT_RATE_HZ
         self.last_input_at = self.clock.now()
@@ -361,6 +369,11 @@ class AvatarStream:
         at_frame = max(at_frame, 0)
         self.timeline.silence_from(at_frame * SAMPLES_PER_FRAME_48K)
         self.session.interrupt(at_frame)
+        self._forget_frames_from(at_frame)
+        return dropped
+
+    def _forget_frames_from(self, at_frame: int) -> None:
+        """Rendered frames from ``at_frame`` on are stale (an interruption, a rewind)."""
         self.pacer.drop_from(at_frame)
         if self._display_cache is not None and self._display_cache[0] >= at_frame:
             self._display_cache = None
@@ -369,7 +382,25 @@ class AvatarStream:
                 trace.pop()
         kept = self.pacer.newest()
         self._last_landmarks = kept.landmarks if kept is not None else None
-        return dropped
+
+    def _start_speech_early(self) -> int | None:
+        """Speech was queued while none was: move its start from the end of the timeline
+        (the silence fed ahead of the display) back to the first frame that can still change,
+        no earlier than the queued speech can cover up to the timeline's end (no gap of
+        silence inside the speech) and never over sound already written. Returns the frame
+        the speech now starts at, None when it stays where it was."""
+        spf = SAMPLES_PER_FRAME_48K
+        written = self.timeline.written
+        start = max(self.interrupt_frame(), -(-(written - self.speech.queued_samples) // spf))
+        last = self.timeline.last_sound(start * spf)
+        if last is not None:
+            start = max(start, last // spf + 1)
+        if start * spf >= written or not self.session.rewind(start):
+            return None
+        self.timeline.rewind(start * spf)
+        self._forget_frames_from(start)
+        self._top_up()
+        return start
 
     def interrupt_frame(self) -> int:
         """The first frame an interruption can still change: not yet on screen, its audio not
