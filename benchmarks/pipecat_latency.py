@@ -158,7 +158,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
 
     class Agent(example.Agent):  # type: ignore[misc,name-defined]
         def make_video_service(self) -> Any:
-            return timed(engine=self.engine, avatar=self.avatar)
+            return timed(engine=self.engine, avatar=self.avatar, stream_config=stream_config(args))
 
     agent = Agent(example.AgentConfig(script=[], service_options={"idle": False}))
     t0 = time.perf_counter()
@@ -303,7 +303,7 @@ async def conversation_scenario(
 
     from talkstream.integrations.pipecat import META_KEY, EspeakTTSService, TalkstreamVideoService
 
-    svc = TalkstreamVideoService(engine=engine, avatar=avatar)
+    svc = TalkstreamVideoService(engine=engine, avatar=avatar, stream_config=stream_config(args))
     tts = EspeakTTSService()
 
     class Log(BaseObserver):  # type: ignore[misc]
@@ -382,6 +382,12 @@ async def conversation_scenario(
 # ----------------------------------------------------------------------------- main
 
 
+def stream_config(args: argparse.Namespace) -> Any:
+    from talkstream.streaming.config import StreamConfig
+
+    return StreamConfig(early_speech_start=not args.late_start)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--utterances", type=int, default=6, help="browser utterances (6)")
@@ -401,6 +407,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--raw-out", type=Path, default=None, help="write the browser's raw probe")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    p.add_argument(
+        "--late-start",
+        action="store_true",
+        help="speech arriving while idle starts after the silence already fed ahead of the "
+        "display (StreamConfig.early_speech_start=False, the behaviour before it)",
+    )
     return p.parse_args(argv)
 
 
@@ -416,6 +428,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     example = load_example()
     result: dict[str, Any] = {
+        "early_speech_start": not args.late_start,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_before": load_avg(),
     }

@@ -160,6 +160,7 @@ def gained_engine(default_avatar: Any) -> Iterator[Any]:
     shutil.which("espeak-ng") is None,
     reason="espeak-ng is not installed (apt-get install espeak-ng)",
 )
+@pytest.mark.realtime
 def test_browser_bench_against_a_running_server(
     gained_engine: Any, default_avatar: Any, tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ MARGIN = 2  # stop early once every count the checks need is this many times ove
 FPS_WINDOW_S = 5.0
 
 pytestmark = [
+    pytest.mark.realtime,  # run alone by `make test` (pyproject: markers)
     pytest.mark.slow,
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("pipecat", reason="the pipecat extra is not installed")
-
 from pipecat.frames.frames import (
     CancelFrame,
     Frame,
@@ -36,6 +35,8 @@ from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine
 from talkstream.integrations.pipecat import META_KEY, TalkstreamVideoService
 from tests.conftest import speechlike
+
+pytestmark = pytest.mark.realtime  # paced at 25 fps: run alone by `make test`
 
 FRAME_S = 0.04
 START_TIMEOUT_S = 30.0

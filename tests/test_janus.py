@@ -225,6 +225,7 @@ async def test_janus_hangup_ends_the_publication(
     not Path("/usr/bin/chromium").exists(),
     reason="Debian chromium (/usr/bin/chromium) is not installed (apt-get install chromium)",
 )
+@pytest.mark.realtime
 async def test_browser_watches_through_janus(
     local_janus: LocalJanus,
     still_engine: Engine,

@@ -44,6 +44,7 @@ SPEECH_RMS = 0.02
 QUIET_RMS = 0.005
 
 pytestmark = [
+    pytest.mark.realtime,  # run alone by `make test` (pyproject: markers)
     pytest.mark.slow,
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),

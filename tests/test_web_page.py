@@ -30,6 +30,7 @@ VIEWER = "viewer-secret-1"
 CONTROL = "control-secret-2"
 
 pytestmark = [
+    pytest.mark.realtime,  # run alone by `make test` (pyproject: markers)
     pytest.mark.slow,
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),
