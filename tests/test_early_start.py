@@ -16,7 +16,7 @@ from talkstream.engine.pipeline import Engine, RenderItem
 from talkstream.streaming.clock import SAMPLES_PER_FRAME_48K
 from talkstream.streaming.config import StreamConfig
 from talkstream.streaming.timeline import SpeechQueue
-from talkstream.streaming.tracks import AvatarStream
+from talkstream.streaming.tracks import ANTICIPATION_FRAMES, AvatarStream
 from tests.conftest import speechlike
 from tests.test_interrupt import _shown, _step, espeak_speech, shipped_engine  # noqa: F401
 from tests.test_tracks import FakeTime
@@ -132,8 +132,10 @@ async def test_idle_presenter_starts_speaking_at_the_next_changeable_frame(
         first = at // SPF
         if early:
             assert at % SPF == 0
-            # The next frame that can still change, not the end of the fed silence.
-            assert first <= index + 3
+            # ANTICIPATION_FRAMES after the next frame that can still change (those frames
+            # see it coming), not after the end of the fed silence.
+            assert first <= index + 3 + ANTICIPATION_FRAMES
+            assert st.speech_moved == (written, at) and st.stats.early_starts == 1
             assert at < written - 4 * SPF
         else:
             assert at >= written

@@ -414,6 +414,22 @@ class TalkstreamVideoService(FrameProcessor):
         except QueueFullError as e:
             await self.push_error(error_msg=str(e), exception=e)
             return
+        if stream.speech_moved is not None:
+            # The run of speech moved earlier (StreamConfig.early_speech_start): its spans and
+            # the TTS frames queued with it move along; what came before it ends by then (the
+            # silence it overwrote).
+            old, new = stream.speech_moved
+            start += new - old
+            for span in self._spans:
+                if span.start >= old:
+                    span.start += new - old
+                    span.end += new - old
+                else:
+                    span.end = min(span.end, new)
+            self._controls = deque(
+                (pos + new - old if pos >= old else min(pos, new), before, f)
+                for pos, before, f in self._controls
+            )
         end = stream.written + stream.queued_samples
         if end <= start:
             return  # all of it still inside the resampler; it comes with the next chunk

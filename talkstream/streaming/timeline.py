@@ -116,11 +116,15 @@ class AudioTimeline:
         while self.trace and self.trace[-1][0] >= start:
             self.trace.pop()
 
-    def last_sound(self, start: int) -> int | None:
-        """Position of the last non-zero sample held from ``start`` on, None if all silent."""
+    def last_sound(self, start: int, stop: int | None = None) -> int | None:
+        """Position of the last non-zero sample held in ``[start, stop)`` (``stop`` defaults
+        to :attr:`written`), None if all silent."""
+        hi = self.written if stop is None else min(stop, self.written)
         lo = max(start, self.written - self._ring.shape[0], 0)
-        nz = np.flatnonzero(self.read(lo, self.written - lo)) if self.written > lo else []
-        return lo + int(nz[-1]) if len(nz) else None
+        if hi <= lo:
+            return None
+        nz = np.flatnonzero(self.read(lo, hi - lo))
+        return lo + int(nz[-1]) if nz.size else None
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Samples ``[start, start + n)``, int16; silence where none are held."""
@@ -187,6 +191,13 @@ class SpeechQueue:
             self._chunks.append(y)
             self.queued_samples += y.shape[0]
         return y, int(x.shape[0])
+
+    def push_front(self, pcm: np.ndarray) -> None:
+        """Put int16 48 kHz samples back at the head of the queue (speech taken back from the
+        timeline to be placed again; not counted against the limit a second time)."""
+        if pcm.shape[0]:
+            self._chunks.appendleft(np.asarray(pcm, dtype=np.int16))
+            self.queued_samples += pcm.shape[0]
 
     def clear(self) -> int:
         """Drop the queued speech; returns the samples dropped."""

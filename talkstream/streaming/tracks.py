@@ -71,6 +71,11 @@ REANCHOR_BEHIND_S = 0.5
 # Frame starts a presenter's session can rewind to (early_speech_start): more than the
 # latency budget plus the presenter lead ahead of the display (165 + 40 ms for tiny).
 REWIND_FRAMES = 16
+# Frames between the first frame an early speech start can change and the speech itself: they
+# see the speech in their lookahead, so the mouth starts to move before the voice, as the
+# model learned (with the speech queued behind the fed silence it moved ~70-80 ms before the
+# voice at the service output: benchmarks/pipecat_latency.py, --late-start).
+ANTICIPATION_FRAMES = 2
 # Input louder than this (RMS, full scale 1) counts as speech in the stats.
 SPEECH_RMS = 0.01
 
@@ -106,6 +111,8 @@ class StreamStats:
     render_ms_ema: float = 0.0
     slack_ms_ema: float = 0.0
     display_fps: float = 0.0  # fresh frames shown per second (EMA)
+    early_starts: int = 0  # presenter speech started early (StreamConfig.early_speech_start)
+    early_start_s: float = 0.0  # the time those starts gained, in all
 
 
 def video_planes(image: Any) -> np.ndarray:
@@ -203,6 +210,10 @@ class AvatarStream:
         self._last_display_t: float | None = None
         self.last_input_at = now()
         self.created_at = now()
+        # Early speech start: timeline position where the current run of speech (speech after
+        # silence) begins, while it may still move; and the last move (see push_speech).
+        self._run_start: int | None = None
+        self.speech_moved: tuple[int, int] | None = None
         # Traces for benchmarks and diagnosis: (frame pts, landmark motion) per rendered frame
         # (and the timeline's (sample, RMS) per input chunk: input_trace); bounded.
         self.motion_trace: deque[tuple[int, float]] = deque(maxlen=TRACE_LEN)
@@ -330,7 +341,11 @@ class AvatarStream:
     def push_speech(self, pcm: np.ndarray, sample_rate: int) -> float:
         """Queue speech (``presenter`` mode): int16/float PCM, (n,) or (n, ch), any rate.
 
-        Returns the seconds of speech now queued.
+        Returns the seconds of speech now queued. With ``StreamConfig.early_speech_start``,
+        speech that begins after silence may be moved earlier on the timeline, as a whole run
+        (already fed part included) while none of it is on screen or heard yet:
+        :attr:`speech_moved` is then ``(old start, new start)`` of that run (None otherwise),
+        for callers that keep their own positions of the speech (the pipecat service).
 
         Raises:
             QueueFullError: the queue would exceed ``max_queued_speech_s``.
@@ -338,8 +353,9 @@ class AvatarStream:
         """
         was_idle = self.speech.queued_samples == 0
         y, n_in = self.speech.push(pcm, sample_rate)
-        if was_idle and y.shape[0] and self.mode == "presenter" and self.cfg.early_speech_start:
-            self._start_speech_early()
+        self.speech_moved = None
+        if self.mode == "presenter" and self.cfg.early_speech_start and y.shape[0]:
+            self._move_speech_run(was_idle)
         if y.shape[0] and rms(y) > SPEECH_RMS:
             self.stats.speech_s += y.shape[0] / OUT_RATE_HZ
         self.last_input_at = self.clock.now()
@@ -364,6 +380,7 @@ class AvatarStream:
         the timeline, at most the lead plus the latency budget).
         """
         dropped = self.speech.interrupt() / OUT_RATE_HZ  # the resampler starts afresh too
+        self._run_start = None
         if at_frame is None:
             at_frame = self.interrupt_frame()
         at_frame = max(at_frame, 0)
@@ -383,24 +400,46 @@ class AvatarStream:
         kept = self.pacer.newest()
         self._last_landmarks = kept.landmarks if kept is not None else None
 
-    def _start_speech_early(self) -> int | None:
-        """Speech was queued while none was: move its start from the end of the timeline
-        (the silence fed ahead of the display) back to the first frame that can still change,
-        no earlier than the queued speech can cover up to the timeline's end (no gap of
-        silence inside the speech) and never over sound already written. Returns the frame
-        the speech now starts at, None when it stays where it was."""
+    def _move_speech_run(self, was_idle: bool) -> None:
+        """Start the current run of speech as early as it can (``early_speech_start``).
+
+        Speech that follows silence queues behind the silence already fed ahead of the display
+        (the latency budget plus the presenter lead). While none of that run is on screen or
+        heard, it is taken back and placed again: ``ANTICIPATION_FRAMES`` after the first frame
+        that can still change (those frames see the speech coming, so the mouth moves just
+        before the voice, as it does when the speech queues), no earlier than its audio so far
+        covers up to the end of the timeline (no silence inside the speech) and never over
+        earlier sound. The session rewinds to that first frame (``Session.rewind``); the run's
+        fed part goes back to the head of the queue.
+        """
         spf = SAMPLES_PER_FRAME_48K
         written = self.timeline.written
-        start = max(self.interrupt_frame(), -(-(written - self.speech.queued_samples) // spf))
-        last = self.timeline.last_sound(start * spf)
+        first = self.interrupt_frame()
+        run = self._run_start
+        if run is None or not first * spf <= run <= written:
+            if not was_idle:
+                self._run_start = None  # speech is going on: nothing to move
+                return
+            run = written  # a new run: it starts where the queue starts feeding
+        self._run_start = run
+        # Sound before the run is earlier speech: it stays, and the run stays after it.
+        last = self.timeline.last_sound(first * spf, run)
         if last is not None:
-            start = max(start, last // spf + 1)
-        if start * spf >= written or not self.session.rewind(start):
-            return None
-        self.timeline.rewind(start * spf)
-        self._forget_frames_from(start)
+            first = max(first, last // spf + 1)
+        speech = (written - run) + self.speech.queued_samples
+        start = max(first + ANTICIPATION_FRAMES, -(-(written - speech) // spf))
+        if start * spf >= run or not self.session.rewind(first):
+            return
+        fed = self.timeline.read(run, written - run)
+        self.timeline.rewind(first * spf)
+        self.timeline.write_silence((start - first) * spf)
+        self.speech.push_front(fed)
+        self._forget_frames_from(first)
         self._top_up()
-        return start
+        self._run_start = start * spf
+        self.speech_moved = (run, start * spf)
+        self.stats.early_starts += 1
+        self.stats.early_start_s += (run - start * spf) / OUT_RATE_HZ
 
     def interrupt_frame(self) -> int:
         """The first frame an interruption can still change: not yet on screen, its audio not
