@@ -139,3 +139,33 @@ def test_speech_queue_interrupt_forgets_the_resampler_clear_keeps_it() -> None:
     np.testing.assert_array_equal(after(reset=True), fresh)  # starts afresh
     kept = after(reset=False)  # continues the old stream: the held-back tail comes first
     assert kept.shape[0] > fresh.shape[0] or not np.array_equal(kept, fresh)
+
+
+def test_rewind_takes_samples_back_and_last_sound_finds_the_end_of_speech() -> None:
+    got: list[np.ndarray] = []
+    tl = AudioTimeline(1000, got.append)
+    tl.write(_ramp(300))
+    tl.write_silence(400)
+    assert tl.last_sound(0) == 299 and tl.last_sound(300) is None
+    assert tl.last_sound(0, 200) == 199  # only [start, stop)
+    tl.rewind(500)
+    assert tl.written == 500 and [p for p, _ in tl.trace] == [0, 300]
+    tl.write(_ramp(50, start=7))
+    assert np.array_equal(tl.read(500, 50), _ramp(50, start=7))
+    assert tl.last_sound(300) == 549
+    assert sum(c.shape[0] for c in got) == 750  # the sink saw every write, the taken back too
+    with pytest.raises(ValueError, match="cannot rewind"):
+        tl.rewind(600)  # beyond what was written
+    tl.write_silence(2000)
+    with pytest.raises(ValueError, match="cannot rewind"):
+        tl.rewind(100)  # no longer held
+
+
+def test_push_front_puts_speech_back_at_the_head() -> None:
+    q = SpeechQueue(10.0)
+    q.push(np.full(480, 1000, np.int16), 48000)
+    q.push_front(np.full(96, 5, np.int16))
+    assert q.queued_samples == 576
+    tl = AudioTimeline(2000)
+    q.feed(tl, 100)
+    assert np.array_equal(tl.read(0, 100), np.r_[np.full(96, 5), np.full(4, 1000)].astype(np.int16))
