@@ -293,7 +293,11 @@ def pipecat_speech(out: Path) -> tuple[np.ndarray, int]:
 
 
 async def pipecat_run(
-    seconds: float, chromium: str, tmp: Path, backend: str | None = None
+    seconds: float,
+    chromium: str,
+    tmp: Path,
+    backend: str | None = None,
+    late_start: bool = False,
 ) -> dict[str, Any]:
     """The pipecat example agent (SmallWebRTC, espeak-ng TTS, TalkstreamVideoService) speaking
     the script to headless Chromium; the page's own captures (voice level, grey face crops)."""
@@ -305,7 +309,11 @@ async def pipecat_run(
 
     example = load_example()
     use_loopback_ice()
-    options = {} if backend is None else {"backend": backend}
+    from talkstream.streaming.config import StreamConfig
+
+    options: dict[str, Any] = {} if backend is None else {"backend": backend}
+    if late_start:
+        options["stream_config"] = StreamConfig(early_speech_start=False)
     agent = example.Agent(
         example.AgentConfig(script=SENTENCES, words_per_minute=PIPECAT_WPM, service_options=options)
     )
@@ -403,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="engine backend of the pipecat path (default: the service's own, auto)",
     )
+    ap.add_argument(
+        "--pipecat-late-start",
+        action="store_true",
+        help="pipecat path with StreamConfig.early_speech_start=False (speech after the fed "
+        "silence, the behaviour before it)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-out/lipsync"))
     ap.add_argument("--backend", default="auto", help="engine backend, as serve's (auto)")
     a = ap.parse_args(argv)
@@ -464,7 +478,13 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(a.repeats):
                 print(f"browser (pipecat, round {rnd + 1}) ...", flush=True)
                 raw = asyncio.run(
-                    pipecat_run(a.seconds, chromium, Path(tmp) / f"r{rnd}", a.pipecat_backend)
+                    pipecat_run(
+                        a.seconds,
+                        chromium,
+                        Path(tmp) / f"r{rnd}",
+                        a.pipecat_backend,
+                        a.pipecat_late_start,
+                    )
                 )
                 result.setdefault("pipecat", []).append(analyse_pipecat(raw, meter))
                 print(json.dumps(result["pipecat"][-1]), flush=True)
