@@ -14,9 +14,9 @@ pytest.importorskip("aiortc", reason="the serve extra (aiortc) is not installed"
 from talkstream.engine.avatar import Avatar
 from talkstream.engine.pipeline import Engine, RenderItem
 from talkstream.streaming.clock import SAMPLES_PER_FRAME_48K
-from talkstream.streaming.config import StreamConfig
+from talkstream.streaming.config import ANTICIPATION_FRAMES, StreamConfig
 from talkstream.streaming.timeline import SpeechQueue
-from talkstream.streaming.tracks import ANTICIPATION_FRAMES, AvatarStream
+from talkstream.streaming.tracks import AvatarStream
 from tests.conftest import speechlike
 from tests.test_interrupt import _shown, _step, espeak_speech, shipped_engine  # noqa: F401
 from tests.test_tracks import FakeTime

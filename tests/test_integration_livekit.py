@@ -49,6 +49,7 @@ from talkstream.integrations.livekit.session import (
     worker_token,
 )
 from talkstream.integrations.livekit.worker import AvatarWorker, WorkerConfig
+from talkstream.streaming.config import ANTICIPATION_FRAMES
 from tests.conftest import speechlike
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
@@ -542,6 +543,51 @@ async def test_generator_idles_at_25_fps_without_audio_then_speaks_on_frame_boun
             elif isinstance(f, rtc.AudioFrame):
                 assert last_video is not None
                 assert f.userdata["frame"] - last_video in (1, 2), (f.userdata, last_video)
+    finally:
+        await gen.aclose()
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["early", "after-the-fed-silence"])
+async def test_generator_starts_a_segment_after_silence_early(
+    tiny_engine: Engine, default_avatar: Avatar, early: bool
+) -> None:
+    """A segment that arrives while the avatar idles replaces the silence already written for
+    the latency budget (``GeneratorConfig.early_speech_start``), with every sample kept."""
+    cfg = GeneratorConfig(early_speech_start=early)
+    gen = TalkstreamVideoGenerator(tiny_engine.session(default_avatar), cfg)
+    stream = aiter(gen)
+    out: list[Any] = []
+    try:
+        for _ in range(12):  # idle
+            await anext(stream)
+        shown = gen.trace[-1][0]
+        x = speechlike(16_000 // 2, 16_000)  # 500 ms, 10 ms frames pushed at once
+        for f in frames_of(x, 16_000, frame_ms=10):
+            await gen.push_audio(f)
+        await gen.push_audio(AudioSegmentEnd())
+        while not any(isinstance(f, AudioSegmentEnd) for f in out):
+            out.append(await anext(stream))
+            assert len(out) < 100
+        audio = [f for f in out if isinstance(f, rtc.AudioFrame)]
+        first = audio[0].userdata["frame"]
+        if early:
+            # ANTICIPATION_FRAMES after the next frame that can still change (+1 for a render
+            # that would not finish in time), not after the whole latency budget.
+            assert first <= shown + 2 + ANTICIPATION_FRAMES + 1
+            assert first < shown + 1 + gen.delay_frames
+            assert gen.stats.early_starts >= 1
+        else:
+            assert first >= shown + 1 + gen.delay_frames
+            assert gen.stats.early_starts == 0
+        # The whole segment, in order, no silence inserted: what the agent said.
+        got = np.concatenate([np.frombuffer(a.data, np.int16) for a in audio])
+        x16 = np.clip(np.rint(x * 32767), -32768, 32767).astype(np.int16)  # as frames_of sends
+        r = StreamingResampler(16_000, OUT_RATE)
+        y = np.concatenate([r.push(to_mono_float32(x16)), r.flush()])
+        want = np.clip(np.rint(y * 32768.0), -32768, 32767).astype(np.int16)
+        assert np.array_equal(got, want)
+        # Slots in order, one frame each, video after its audio as before.
+        assert [a.userdata["frame"] for a in audio] == list(range(first, first + len(audio)))
     finally:
         await gen.aclose()
 

@@ -11,6 +11,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Early speech start (StreamConfig.early_speech_start, the LiveKit generator's too): frame
+# starts a presenter's session can rewind to, more than the latency budget plus the presenter
+# lead ahead of the display (165 + 40 ms for tiny).
+REWIND_FRAMES = 16
+# Frames between the first frame an early speech start can change and the speech itself: they
+# see the speech in their lookahead, so the mouth starts to move before the voice, as the
+# model learned (with the speech queued behind the fed silence it moved ~70-80 ms before the
+# voice at the service output: benchmarks/pipecat_latency.py, --late-start).
+ANTICIPATION_FRAMES = 2
+
 
 @dataclass(frozen=True)
 class StreamConfig:

@@ -51,7 +51,7 @@ from talkstream.streaming.clock import (
     VIDEO_TIME_BASE,
     MediaClock,
 )
-from talkstream.streaming.config import StreamConfig
+from talkstream.streaming.config import ANTICIPATION_FRAMES, REWIND_FRAMES, StreamConfig
 from talkstream.streaming.metrics import StreamMetrics
 from talkstream.streaming.pacing import FramePacer
 from talkstream.streaming.timeline import TRACE_LEN, AudioTimeline, SpeechQueue, rms, to_int16
@@ -68,14 +68,6 @@ MAX_RENDERED_FRAMES = 16
 MAX_TRACK_LAG_S = 0.1
 # Live input this far behind the timeline is a stream resuming after a stall: re-anchored.
 REANCHOR_BEHIND_S = 0.5
-# Frame starts a presenter's session can rewind to (early_speech_start): more than the
-# latency budget plus the presenter lead ahead of the display (165 + 40 ms for tiny).
-REWIND_FRAMES = 16
-# Frames between the first frame an early speech start can change and the speech itself: they
-# see the speech in their lookahead, so the mouth starts to move before the voice, as the
-# model learned (with the speech queued behind the fed silence it moved ~70-80 ms before the
-# voice at the service output: benchmarks/pipecat_latency.py, --late-start).
-ANTICIPATION_FRAMES = 2
 # Input louder than this (RMS, full scale 1) counts as speech in the stats.
 SPEECH_RMS = 0.01
 

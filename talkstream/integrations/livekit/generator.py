@@ -57,6 +57,7 @@ from talkstream.config import FPS
 from talkstream.engine.audio import StreamingResampler, to_mono_float32
 from talkstream.engine.pipeline import Frame, Session
 from talkstream.streaming.clock import OUT_RATE_HZ, SAMPLES_PER_FRAME_48K
+from talkstream.streaming.config import ANTICIPATION_FRAMES, REWIND_FRAMES
 from talkstream.streaming.pacing import FramePacer
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ class GeneratorConfig:
     # Most frames of this stream one engine call renders (``Session.max_batch``): small, every
     # frame has a deadline (``StreamConfig.frames_per_call`` for serve's streams).
     frames_per_call: int = 2
+    # A segment that begins after silence replaces the silence already on the timeline
+    # instead of queueing behind it (``StreamConfig.early_speech_start`` for serve's streams):
+    # its voice and lips start a few frames after the next frame that can still change.
+    early_speech_start: bool = True
 
     def __post_init__(self) -> None:
         if not self.compute_budget_ms >= 0:
@@ -138,6 +143,8 @@ class GeneratorStats:
     interrupts: int = 0
     dropped_speech_s: float = 0.0  # queued or muted by interrupts
     schedule_shifts: int = 0  # stalls and late audio that moved the schedule
+    early_starts: int = 0  # speech moved ahead of the silence fed before it
+    early_start_s: float = 0.0  # the time those moves gained, in all
 
 
 def _to_int16(x: np.ndarray) -> np.ndarray:
@@ -170,6 +177,8 @@ class TalkstreamVideoGenerator(VideoGenerator):
         self.cfg = cfg = cfg or GeneratorConfig()
         self.session = session
         session.max_batch = cfg.frames_per_call
+        if cfg.early_speech_start:
+            session.rewind_frames = REWIND_FRAMES
         self._now = now
         image = session.avatar.image
         h, w = image.shape[:2]
@@ -252,6 +261,63 @@ class TalkstreamVideoGenerator(VideoGenerator):
             self._space.clear()
             await self._space.wait()
         self._append(_to_int16(self._resampler.push(x)))
+        if self.cfg.early_speech_start:
+            self._start_early()
+
+    def _start_early(self) -> None:
+        """Move the speech that follows silence on the timeline back to ``ANTICIPATION_FRAMES``
+        after the first slot that can still change (no slot from there on has its audio
+        handed over, and it can still be rendered in time), while none of it has been handed
+        over: the slots from that one on go back to the queue (their speech) and the session
+        rewinds there (``Session.rewind``). The speech is never moved so far that the audio
+        received so far would not reach the end of the timeline already written (no silence
+        inside a segment), and never before another segment's speech."""
+        if self._t0 is None or not self._slots:
+            return
+        spf = SAMPLES_PER_FRAME_48K
+        first = max(self._next + 1, self._first_worth_rendering())
+        for slot in self._slots:
+            if slot.audio_sent:
+                first = max(first, slot.index + 1)
+        ahead = [slot for slot in self._slots if slot.index >= first]
+        speech = [slot for slot in ahead if slot.segment is not None]
+        if any(isinstance(item, _End) for item in self._pending):
+            return  # a segment ends before the queued speech: keep the order simple
+        segments = {slot.segment for slot in speech if slot.segment is not None}
+        segments |= {item.segment for item in self._pending}
+        if len(segments) != 1:
+            return  # nothing queued, or more than one segment ahead
+        run = speech[0].index if speech else self._written
+        if any(slot.segment is None and slot.index > run for slot in ahead):
+            return  # a gap inside the segment's slots: it is already playing out that way
+        known = sum(slot.speech for slot in speech) + self._pending_samples
+        start = max(first + ANTICIPATION_FRAMES, -(-(self._written * spf - known) // spf))
+        if start >= run or not self.session.rewind(first):
+            return
+        (segment,) = segments
+        back = [slot.pcm[: slot.speech] for slot in speech]
+        ended = any(slot.last for slot in speech)
+        written = self._written
+        while self._slots and self._slots[-1].index >= first:
+            self._slots.pop()
+        self._written = first
+        if ended:
+            self._pending.appendleft(_End(segment))
+        if back:
+            pcm = np.concatenate(back)
+            self._pending.appendleft(_Chunk(segment, pcm))
+            self._pending_samples += pcm.shape[0]
+        silence = np.zeros(spf, dtype=np.int16)
+        for index in range(first, start):
+            self._slots.append(_Slot(index, silence.copy(), None, 0, False))
+            self.session.push_audio(silence, OUT_RATE_HZ)
+        self._written = start
+        self._fill(written)
+        self.pacer.drop_from(first)
+        if self._frame_cache is not None and self._frame_cache[0] >= first:
+            self._frame_cache = None
+        self.stats.early_starts += 1
+        self.stats.early_start_s += (run - start) * FRAME_S
 
     def _append(self, pcm: np.ndarray) -> None:
         if pcm.shape[0]:
