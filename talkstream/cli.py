@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from talkstream import __version__
 from talkstream.config import (
+    CRF_RANGE,
     FRAMINGS,
     AvatarConfig,
     Config,
@@ -63,7 +64,6 @@ def positive_int(text: str) -> int:
 
 
 # libx264's CRF scale for 8-bit video: 0 is lossless, 51 the worst.
-CRF_RANGE = (0, 51)
 
 
 def crf_value(text: str) -> int:
@@ -150,6 +150,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--cache-dir", type=Path, default=None, help=f"avatar cache (default {default_cache_dir()})"
     )
     g.add_argument("--no-cache", action="store_true", help="do not cache prepared avatars")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="set any value of the config tree, after the other flags (repeatable; the value "
+        "is parsed as JSON), e.g. engine.sampler.steps=2, serve.stream.compute_budget_ms=60, "
+        "render.crf=18; an unknown key is answered with the keys its section has",
+    )
 
 
 def _framing_help() -> str:
@@ -285,7 +294,7 @@ def _cmd_render(a: argparse.Namespace) -> int:
             progress=not a.no_progress,
         ),
     )
-    res = render_to_file(cfg, load_engine)
+    res = render_to_file(cfg.with_command_overrides(a.set, "render"), load_engine)
     note = " (random weights: no trained checkpoint)" if res.random_init else ""
     print(
         f"wrote {res.out}: {res.frames} frames, {res.audio_duration_s:.2f} s of audio, "

@@ -14,11 +14,13 @@ Media constants carry their units in their names.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from talkstream import _config_io
+from talkstream.errors import TalkstreamError
 
 if TYPE_CHECKING:  # the sections of higher layers; see Config._config_types
     from talkstream.benchmarking.scenario import Scenario
@@ -183,6 +185,9 @@ class EngineConfig:
             )
 
 
+CRF_RANGE = (0, 51)  # H.264's quality scale (lower is better)
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     """Offline render: image + audio file in, H.264 mp4 with muxed audio out."""
@@ -194,6 +199,13 @@ class RenderConfig:
     crf: int = 20
     chunk_ms: int = 20  # how the audio is fed to the session, as a live source would
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        lo, hi = CRF_RANGE
+        if not lo <= self.crf <= hi:
+            raise ValueError(f"crf {self.crf} is outside H.264's range {lo}-{hi}")
+        if self.chunk_ms <= 0:
+            raise ValueError(f"chunk_ms must be > 0, got {self.chunk_ms}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +270,28 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict; ``Config.from_dict(c.to_dict()) == c``."""
         return _config_io.to_dict(self)
+
+    def with_command_overrides(self, overrides: Sequence[str], command: str) -> Config:
+        """A command's ``--set`` values applied to the tree it built from its flags.
+
+        Raises:
+            TalkstreamError: one line naming the bad value: an unknown key, a wrong type, a
+                value the section refuses, or a section the command does not use.
+        """
+        if not overrides:
+            return self
+        used = {f.name for f in fields(self) if getattr(self, f.name) not in (None, ())}
+        for item in overrides:
+            section = item.split("=", 1)[0].split(".", 1)[0].strip()
+            if section in {f.name for f in fields(self)} and section not in used:
+                raise TalkstreamError(
+                    f"--set {item}: talkstream {command} does not use the {section!r} section "
+                    f"(it uses {', '.join(sorted(used))})"
+                )
+        try:
+            return self.with_overrides(list(overrides))
+        except (TypeError, ValueError) as e:
+            raise TalkstreamError(f"--set: {e}") from None
 
     def with_overrides(self, overrides: list[str]) -> Config:
         """This tree with ``section.key=value`` strings applied (``--set engine.device=cuda``;

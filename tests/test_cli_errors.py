@@ -65,6 +65,35 @@ def test_crf_range_is_accepted(tmp_path: Path) -> None:
         assert build_parser().parse_args(["render", "--crf", crf]).crf == int(crf)
 
 
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ("render.crf=99", ["crf 99", "0-51"]),
+        ("engine.sampler.nope=1", ["engine.sampler", "'nope'", "steps"]),
+        ("serve.stream.compute_budget_ms=60", ["render does not use the 'serve' section"]),
+        ("engine.threads=two", ["engine.threads"]),
+        ("crf", ["section.key=value"]),
+    ],
+)
+def test_set_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, words: list[str]
+) -> None:
+    rc, err = _render(["--set", setting], tmp_path, capsys)
+    line = _one_line(err)
+    assert rc == 2 and line.startswith("talkstream: error: --set")
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_set_reaches_the_config_tree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speechlike(3200), 16000)
+    moved = tmp_path / "elsewhere.mp4"
+    rc, err = _render(["--audio", str(wav), "--set", f'render.out="{moved}"'], tmp_path, capsys)
+    assert rc == 0, err
+    assert moved.stat().st_size > 100 and not (tmp_path / "o.mp4").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_device_cuda_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, err = _render(["--device", "cuda"], tmp_path, capsys)

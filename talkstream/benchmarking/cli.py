@@ -352,6 +352,9 @@ def engine_cli_args(ns: argparse.Namespace) -> list[str]:
         args += ["--lookahead", str(ns.lookahead)]
     if ns.no_idle:
         args.append("--no-idle")
+    for item in getattr(ns, "set", []):
+        if item.split(".", 1)[0].strip() == "engine":
+            args += ["--set", item]
     return args
 
 
@@ -411,6 +414,7 @@ def run_bench(ns: argparse.Namespace, engine_config: Callable[[argparse.Namespac
     # The config tree, built once: the shared engine section (each scenario overrides the
     # fields it names) and the bench section, the scenarios.
     root = Config(engine=engine_config(ns), bench=tuple(scenarios))
+    root = root.with_command_overrides(getattr(ns, "set", []), "bench")
     base, scenarios = root.engine, list(root.bench)
     if base.threads is not None:
         torch.set_num_threads(base.threads)

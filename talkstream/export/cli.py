@@ -60,7 +60,7 @@ def add_parser(
         help="skip the parity check of the built backend against eager PyTorch",
     )
     e.add_argument("--list", action="store_true", help="list the cached artifacts and exit")
-    e.set_defaults(func=lambda a: _cmd_export(a, engine_config(a)))
+    e.set_defaults(func=lambda a: _cmd_export(a, _engine_section(a, engine_config, "export")))
 
     d = sub.add_parser(
         "doctor",
@@ -70,10 +70,18 @@ def add_parser(
     )
     add_engine_args(d)
     d.add_argument("--json", action="store_true", help="machine-readable output")
-    d.set_defaults(func=lambda a: _cmd_doctor(a, engine_config(a)))
+    d.set_defaults(func=lambda a: _cmd_doctor(a, _engine_section(a, engine_config, "doctor")))
 
 
 # --- export -------------------------------------------------------------------------------------
+
+
+def _engine_section(a: argparse.Namespace, engine_config: Any, command: str) -> Any:
+    """The engine section, with the command's ``--set engine.KEY=VALUE`` values applied."""
+    from talkstream.config import Config
+
+    root = Config(engine=engine_config(a)).with_command_overrides(a.set, command)
+    return root.engine
 
 
 def _cmd_export(a: argparse.Namespace, cfg: Any) -> int:

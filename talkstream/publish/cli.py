@@ -149,7 +149,7 @@ def _run(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], En
             loopback_ice=a.ice_local_only,
         ),
     )
-    return run(cfg)
+    return run(cfg.with_command_overrides(a.set, "publish"))
 
 
 def load_presenter(cfg: PublishConfig, engine_cfg: EngineConfig) -> tuple[Engine, Avatar]:

@@ -167,6 +167,7 @@ def _run(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace], En
         cfg = Config(engine=engine_config(a), serve=_serve_config(a, ServeConfig, StreamConfig))
     except ValueError as e:  # an out-of-range flag: a user error, not a bug
         raise TalkstreamError(str(e)) from None
+    cfg = cfg.with_command_overrides(a.set, "serve")
     serve_cfg = cfg.serve
     assert serve_cfg is not None
     if a.generate_tokens and not serve_cfg.no_auth:

@@ -680,7 +680,7 @@ def _cmd_live(
                 + platform_help()
             )
     # The config tree, built once: the engine section and this command's live section.
-    root = Config(engine=engine_config(a), live=cfg)
+    root = Config(engine=engine_config(a), live=cfg).with_command_overrides(a.set, "live")
     stop = threading.Event()
     with AudioSystem() as system:
         device = select_input_device(system.input_devices(), cfg.input_device)
