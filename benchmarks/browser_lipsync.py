@@ -339,12 +339,51 @@ async def pipecat_run(
                     "(() => { ts.capture = false; return {presented: ts.presented,"
                     " voice: ts.voice, faces: ts.faces, faceBox: ts.faceBox}; })()"
                 )
+                got["service"] = service_traces(agent)
             finally:
                 await ctx.close()
     finally:
         await runner.cleanup()
         await agent.close()
     return got
+
+
+def service_traces(agent: Any) -> dict[str, Any] | None:
+    """What the service itself rendered and said: its stream's counters, the model's
+    inner-lip opening per rendered frame and the level of each chunk of its timeline."""
+    for conn in list(agent.connections.values()):
+        stream = conn.video.stream
+        if stream is None:
+            continue
+        st = stream.stats
+        return {
+            "stats": {
+                k: getattr(st, k)
+                for k in ("frames_rendered", "frames_skipped", "frames_repeated", "early_starts")
+            },
+            "mouth": [list(x) for x in stream.mouth_trace],
+            "input": [list(x) for x in stream.input_trace],
+        }
+    return None
+
+
+def service_r(service: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model's mouth (landmarks) against the speech on the service's own timeline, on the
+    frame grid: what the service rendered, before any encoder or browser."""
+    if not service or not service["mouth"] or not service["input"]:
+        return None
+    from talkstream.streaming.clock import SAMPLES_PER_FRAME_48K
+
+    mouth = np.asarray(service["mouth"], dtype=np.float64)
+    chunks = np.asarray(service["input"], dtype=np.float64)
+    lo, hi = int(mouth[:, 0].min()), int(mouth[:, 0].max()) + 1
+    grid = np.full(hi - lo, np.nan)
+    grid[mouth[:, 0].astype(int) - lo] = mouth[:, 1]
+    # Each frame's level: that of the timeline chunk holding the frame's middle sample.
+    mid = (np.arange(lo, hi) + 0.5) * SAMPLES_PER_FRAME_48K
+    k = np.searchsorted(chunks[:, 0], mid, side="right") - 1
+    env = np.where(k >= 0, chunks[np.clip(k, 0, None), 1], np.nan)
+    return {"stats": service["stats"], "landmarks": lagged_r(grid, env).as_dict()}
 
 
 def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
@@ -376,6 +415,7 @@ def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
         "detected": round(float(np.isfinite(opening).mean()), 3),
         "dlib_vs_voice_r": r,
         "voice_after_mouth_ms": shift,
+        "service": service_r(raw.get("service")),
     }
 
 
@@ -542,6 +582,19 @@ def summarise(result: dict[str, Any], variants: list[str]) -> str:
             f"{_median([r['dlib_vs_voice_r'] for r in runs])} | "
             f"{_median([r['voice_after_mouth_ms'] for r in runs])} ms | "
             f"{_median([r['presented'].get('fps') for r in runs])} |",
+            "",
+            "| model's mouth (landmarks) vs speech r, best lag | offline | pipecat service "
+            "(its own timeline) | frames rendered / skipped |",
+            "|---|---|---|---|",
+            f"| | {po['landmarks']['r']} | "
+            f"{_median([(r['service'] or {}).get('landmarks', {}).get('r') for r in runs])} | "
+            + ", ".join(
+                f"{r['service']['stats']['frames_rendered']} / "
+                f"{r['service']['stats']['frames_skipped']}"
+                for r in runs
+                if r.get("service")
+            )
+            + " |",
         ]
     return "\n".join(lines) + "\n"
 
