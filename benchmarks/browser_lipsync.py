@@ -450,12 +450,20 @@ def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
     mouth = resample_series(t, opening, grid)
     voice = np.asarray(raw["voice"], dtype=np.float64).reshape(-1, 2)
     r, shift = voice_r(t[0], n, mouth, voice)
+    # The same, per 6 s window (half overlapping): does the voice's offset from the face move
+    # during the run? A moving offset costs r that no single shift recovers.
+    win = 6 * FPS
+    windows = [
+        voice_r(t[0] + k / FPS, win, mouth[k : k + win], voice)
+        for k in range(0, max(n - win, 0) + 1, win // 2)
+    ]
     presented = np.asarray(raw["presented"], dtype=np.float64)
     return {
         "presented": presented_stats(list(presented), []),
         "detected": round(float(np.isfinite(opening).mean()), 3),
         "dlib_vs_voice_r": r,
         "voice_after_mouth_ms": shift,
+        "by_window": [{"r": w_r, "voice_after_mouth_ms": w_s} for w_r, w_s in windows],
         "service": service_r(raw.get("service")),
     }
 
