@@ -170,6 +170,7 @@ class _SampleBuffer:
 
     def __init__(self, capacity: int, start_abs: int) -> None:
         self._data: Float64Array = np.zeros(capacity, dtype=np.float64)
+        self._capacity = capacity
         self._head = 0  # index in _data of the sample with absolute index _start_abs
         self._fill = 0  # live samples from _head
         self._start_abs = start_abs
@@ -214,10 +215,18 @@ class _SampleBuffer:
             )
         return self._data[lo:hi]
 
-    def clone(self) -> _SampleBuffer:
-        """An independent copy (its own array)."""
+    def clone(self, *, compact: bool = False) -> _SampleBuffer:
+        """An independent copy (its own array). ``compact``: only the live samples are kept,
+        for a copy that is stored, not appended to; cloning it again (not compact) gives a
+        working buffer of the full capacity."""
         new = copy.copy(self)
-        new._data = self._data.copy()
+        live = self._data[self._head : self._head + self._fill]
+        if compact:
+            new._data = live.copy()
+        else:
+            new._data = np.zeros(self._capacity, dtype=np.float64)
+            new._data[: self._fill] = live
+        new._head = 0
         return new
 
     def discard_before(self, start_abs: int) -> None:
@@ -326,10 +335,11 @@ class StreamingResampler:
         )
         self._buffer.append(np.zeros(self._half_taps - 1))
 
-    def clone(self) -> StreamingResampler:
-        """An independent copy of the stream's state (the filter table is shared: read-only)."""
+    def clone(self, *, compact: bool = False) -> StreamingResampler:
+        """An independent copy of the stream's state (the filter table is shared: read-only);
+        ``compact`` as for ``_SampleBuffer.clone``."""
         new = copy.copy(self)
-        new._buffer = self._buffer.clone()
+        new._buffer = self._buffer.clone(compact=compact)
         return new
 
     @property
@@ -649,12 +659,17 @@ class MelFrontend:
         self.frames_emitted = 0
         self.samples_received_16k = 0
 
-    def clone(self) -> MelFrontend:
+    def clone(self, *, compact: bool = False) -> MelFrontend:
         """An independent copy of the stream's state: pushing the same audio into the copy
-        and into the original gives the same frames (the mel kernel is shared: read-only)."""
+        and into the original gives the same frames (the mel kernel is shared: read-only).
+
+        ``compact``: a copy to store (only the live samples, about a tenth of the buffers'
+        size), not to push into; its own ``clone()`` is a working frontend again.
+        """
         new = copy.copy(self)
-        new._buffer = self._buffer.clone()
-        new._resampler = None if self._resampler is None else self._resampler.clone()
+        new._buffer = self._buffer.clone(compact=compact)
+        r = self._resampler
+        new._resampler = None if r is None else r.clone(compact=compact)
         return new
 
     @property

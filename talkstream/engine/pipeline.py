@@ -551,7 +551,7 @@ class Session:
         points = self._rewind_points
         if points and points[-1][0] >= frame:
             return
-        points.append((frame, self.frontend.clone(), self.streamer.clone()))
+        points.append((frame, self.frontend.clone(compact=True), self.streamer.clone()))
         while len(points) > self.rewind_frames:
             points.popleft()
 
