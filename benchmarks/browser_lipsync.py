@@ -375,18 +375,20 @@ async def record_timeline(agent: Any) -> list[tuple[int, np.ndarray]]:
     return writes
 
 
-def spoken_audio(writes: list[tuple[int, np.ndarray]]) -> np.ndarray:
+def spoken_audio(writes: list[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
     """The timeline's final content from the first recorded frame start on (an early speech
-    start overwrites what it took back): the audio the service spoke, 48 kHz int16."""
+    start overwrites what it took back): (that frame's index, the audio the service spoke,
+    48 kHz int16)."""
     from talkstream.streaming.clock import SAMPLES_PER_FRAME_48K as SPF
 
-    start = writes[0][0]
+    # An early start may rewind to before the first recorded write: start at the earliest.
+    start = min(pos for pos, _ in writes)
     end = max(pos + pcm.shape[0] for pos, pcm in writes)
     audio = np.zeros(end - start, dtype=np.int16)
     for pos, pcm in writes:
         audio[pos - start : pos - start + pcm.shape[0]] = pcm
-    first = -(-start // SPF) * SPF
-    return audio[first - start :]
+    first = -(-start // SPF)
+    return first, audio[first * SPF - start :]
 
 
 def service_traces(agent: Any) -> dict[str, Any] | None:
@@ -398,6 +400,7 @@ def service_traces(agent: Any) -> dict[str, Any] | None:
             continue
         st = stream.stats
         return {
+            "seed": stream.session.seed,
             "stats": {
                 k: getattr(st, k)
                 for k in ("frames_rendered", "frames_skipped", "frames_repeated", "early_starts")
@@ -575,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                         a.pipecat_late_start,
                     )
                 )
-                spoken, pc_avatar = raw.pop("spoken"), raw.pop("avatar")
+                (_, spoken), pc_avatar = raw.pop("spoken"), raw.pop("avatar")
                 row = analyse_pipecat(raw, meter)
                 # The fair comparison: the same engine rendering the very audio the service
                 # spoke in this run (the TTS's own pauses and timing included), offline.

@@ -8,7 +8,8 @@ that benchmark's pipecat path. Every write to the service's timeline is recorded
 content: an early speech start overwrites what it took back), so the exact audio the service
 said is known. Then the same engine renders that audio offline (``talkstream render``'s loop,
 the service session's seed) and both are scored the same way: the model's inner-lip opening
-(landmarks) per frame against the RMS of that frame's 40 ms of the service's audio, best lag.
+(landmarks) per frame against the mean absolute level of that frame's 40 ms of the service's
+audio, best lag.
 
 If the service's own figure is below the offline one on the same audio, the service loses
 motion (skipped frames, interrupted renders, rewinds). If both are equal, the gap to
@@ -42,70 +43,26 @@ def _lipsync_module() -> Any:
 
 
 async def run(seconds: float) -> dict[str, Any]:
-    from playwright.async_api import async_playwright
+    import tempfile
 
-    from talkstream.benchmarking.browser import CHROMIUM_FLAGS, find_chromium
+    from talkstream.benchmarking.browser import find_chromium
     from talkstream.benchmarking.lipsync import lagged_r
-    from talkstream.benchmarking.local import listen_on_loopback, load_example
+    from talkstream.config import EngineConfig
+    from talkstream.runtime import load_engine
     from talkstream.streaming.clock import OUT_RATE_HZ, SAMPLES_PER_FRAME_48K
-    from talkstream.streaming.sdp import use_loopback_ice
     from talkstream.streaming.tracks import _inner_lip_opening
 
     bl = _lipsync_module()
     chromium = find_chromium()
     if chromium is None:
         sys.exit("pipecat_service_replay: no Chromium found: apt-get install chromium")
-    example = load_example()
-    use_loopback_ice()
-    agent = example.Agent(example.AgentConfig(script=bl.SENTENCES, words_per_minute=bl.PIPECAT_WPM))
-    await agent.load()
-    avatar = agent.avatar
-    runner, url = await listen_on_loopback(agent.app())
-    writes: list[tuple[int, np.ndarray]] = []
-    try:
-        async with async_playwright() as p:
-            ctx = await p.chromium.launch_persistent_context(
-                "/tmp/pipecat-replay-profile",
-                executable_path=chromium,
-                headless=True,
-                args=CHROMIUM_FLAGS,
-            )
-            try:
-                page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-                await page.goto(f"{url}/?autostart=1")
-                await page.wait_for_function(
-                    "window.ts && window.ts.state === 'connected'", timeout=60_000
-                )
-                stream = None
-                while stream is None:
-                    conns = list(agent.connections.values())
-                    stream = conns[0].video.stream if conns else None
-                    await asyncio.sleep(0.01)
-                tl = stream.timeline
-                sink = tl._sink
-
-                def record(pcm: np.ndarray) -> None:
-                    writes.append((tl.written - pcm.shape[0], pcm.copy()))
-                    sink(pcm)
-
-                tl._sink = record
-                await asyncio.sleep(seconds)
-                tl._sink = sink
-                mouth = np.asarray(list(stream.mouth_trace), dtype=np.float64)
-                seed = stream.session.seed
-                stats = stream.stats
-            finally:
-                await ctx.close()
-    finally:
-        await runner.cleanup()
-    # The timeline's final content from the first recorded write on.
-    start = writes[0][0]
-    end = max(pos + pcm.shape[0] for pos, pcm in writes)
-    audio = np.zeros(end - start, dtype=np.int16)
-    for pos, pcm in writes:
-        audio[pos - start : pos - start + pcm.shape[0]] = pcm
-    f0 = -(-start // SAMPLES_PER_FRAME_48K)
-    audio = audio[f0 * SAMPLES_PER_FRAME_48K - start :]
+    # browser_lipsync.py's pipecat path: it records every write to the service's timeline.
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = await bl.pipecat_run(seconds, chromium, Path(tmp))
+    f0, audio = raw["spoken"]
+    avatar, service = raw["avatar"], raw["service"]
+    mouth = np.asarray(service["mouth"], dtype=np.float64)
+    seed, stats = service["seed"], service["stats"]
     n = audio.shape[0] // SAMPLES_PER_FRAME_48K
     env = (
         np.sqrt((audio[: n * SAMPLES_PER_FRAME_48K].astype(np.float64) / 32768) ** 2)
@@ -118,11 +75,8 @@ async def run(seconds: float) -> dict[str, Any]:
         k = int(pts) - f0
         if 0 <= k < n:
             svc[k] = value
-    # Offline: the same audio, the same seed, render_ready's loop.
-    # A fresh engine with the service's backend choice (the agent's own is closed with it).
-    from talkstream.config import EngineConfig
-    from talkstream.runtime import load_engine
-
+    # Offline: the same audio, the same seed, render_ready's loop, on a fresh engine with the
+    # service's backend choice (the agent's own is closed with it).
     engine = load_engine(EngineConfig(backend="auto"))
     session = engine.session(avatar, seed=seed)
     opening: list[float] = []
@@ -138,14 +92,13 @@ async def run(seconds: float) -> dict[str, Any]:
         opening += [_inner_lip_opening(f.landmarks) for f in session.render_ready()]
     off = np.asarray(opening[f0 : f0 + n])
     engine.close()
-    await agent.close()
     both = np.isfinite(svc)
     return {
         "seconds_of_audio": round(n / 25, 1),
         "speech_fraction": round(float((env > 0.01).mean()), 3),
         "service_frames": int(both.sum()),
         "service_stats": {
-            k: getattr(stats, k) for k in ("frames_rendered", "frames_skipped", "early_starts")
+            k: stats[k] for k in ("frames_rendered", "frames_skipped", "early_starts")
         },
         "service_vs_its_audio": lagged_r(svc, env).as_dict(),
         "offline_same_audio": lagged_r(off, env).as_dict(),
