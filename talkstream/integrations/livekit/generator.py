@@ -281,10 +281,16 @@ class TalkstreamVideoGenerator(VideoGenerator):
                 first = max(first, slot.index + 1)
         ahead = [slot for slot in self._slots if slot.index >= first]
         speech = [slot for slot in ahead if slot.segment is not None]
-        if any(isinstance(item, _End) for item in self._pending):
+        if speech and speech[0].index <= first + ANTICIPATION_FRAMES:
+            return  # already as early as it goes (called for every 10 ms frame pushed)
+        # Segment ids only grow along the queue, and an end is followed by the next segment:
+        # its first and last items tell whether it holds one segment and no end (O(1)).
+        pending = self._pending
+        if pending and (isinstance(pending[-1], _End) or pending[0].segment != pending[-1].segment):
             return  # a segment ends before the queued speech: keep the order simple
         segments = {slot.segment for slot in speech if slot.segment is not None}
-        segments |= {item.segment for item in self._pending}
+        if pending:
+            segments.add(pending[0].segment)
         if len(segments) != 1:
             return  # nothing queued, or more than one segment ahead
         run = speech[0].index if speech else self._written
