@@ -14,6 +14,11 @@ those on the same wall clock (``time.time()``) as the service's own events. Per 
   presented frame whose mouth region changed beyond the still face's noise (3x its p99, and at
   least 1.0 grey level per pixel; frames the renderer skipped repeat the previous one, so
   motion comes in single-frame steps and a "sustained" rule would miss it);
+- first moving frame shown: the same to the moment Chromium presented the first frame whose
+  *landmarks* moved at the service (the service's own criterion, 5x the still face's p99), found
+  by the frame index this benchmark stamps into each image's top-left corner
+  (``talkstream.benchmarking.stamp``): the same event as at the service, with no pixel
+  threshold; sentences whose first phonemes barely move the lips are not held back by it;
 - first voice: the same to the voice rising above 0.02 RMS in the browser; their difference is
   the A/V offset at the receiver at speech onsets;
 - interruption: an ``InterruptionFrame`` ~1 s into the utterance; speech stopped at the service
@@ -50,6 +55,7 @@ import numpy as np
 
 from talkstream.benchmarking.browser import CHROMIUM_FLAGS, find_chromium
 from talkstream.benchmarking.local import load_example, serve_app
+from talkstream.benchmarking.stamp import STAMP_PROBE_JS, stamp, unwrap
 
 SENTENCES = (
     "Hello there, how are you doing today?",
@@ -113,7 +119,14 @@ def instrumented_service_class() -> type:
             if isinstance(frame, TTSAudioRawFrame):
                 self.speech_blocks_at.append(time.time())
             elif isinstance(frame, OutputImageRawFrame):
-                self.images_at[frame.metadata[META_KEY]["index"]] = time.time()
+                index = frame.metadata[META_KEY]["index"]
+                self.images_at[index] = time.time()
+                # Mark the image with its index (top-left corner, off the face), so the page
+                # can tell exactly when this frame was shown.
+                w, h = frame.size
+                img = np.frombuffer(frame.image, np.uint8).reshape(h, w, 3).copy()
+                stamp(img, index)
+                frame.image = img.tobytes()
             if direction is None:
                 await super().push_frame(frame)
             else:
@@ -180,6 +193,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                     "window.ts && window.ts.state === 'connected'", timeout=30_000
                 )
                 origin_ms = await page.evaluate("performance.timeOrigin")
+                await page.evaluate(STAMP_PROBE_JS, "#video")
                 conn = next(iter(agent.connections.values()))
                 svc = conn.video
                 await asyncio.sleep(3.0)  # the encoder's quality ramp; a still face to learn
@@ -194,7 +208,8 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                     await conn.worker.queue_frame(InterruptionFrame())
                     await asyncio.sleep(args.gap_s)
                 got = await page.evaluate(
-                    "({presented: ts.presented, mouth: ts.mouth, voice: ts.voice})"
+                    "({presented: ts.presented, mouth: ts.mouth, voice: ts.voice,"
+                    " stamps: window.__stamps})"
                 )
             finally:
                 await browser.close()
@@ -234,6 +249,10 @@ def analyse_browser(
     m_at = np.array([svc.images_at.get(int(p), np.nan) for p in m_pts])
     still_m = m_val[m_at < first_audio[0]] if first_audio else m_val
     m_thr = max(5 * float(np.percentile(still_m, 99)) if still_m.size else 0.0, 1e-3)
+    # Every presented frame's own index, from its stamp.
+    st = np.asarray(got.get("stamps") or [], dtype=np.float64).reshape(-1, 2)
+    s_at = to_wall(st[:, 0])
+    s_idx = unwrap(st[:, 1].astype(np.int64), max(svc.images_at)) if st.size else st[:, 1]
     rows = []
     blocks = np.asarray(svc.speech_blocks_at)
     for k, t_in in enumerate(first_audio):
@@ -247,6 +266,10 @@ def analyse_browser(
         moving = np.flatnonzero((m_at > t_in) & (m_val > m_thr))
         if moving.size:
             row["service_mouth_ms"] = round(1000 * (m_at[moving[0]] - t_in), 1)
+            # That very frame (or a later one, if it was never shown) on the browser's screen.
+            shown = np.flatnonzero((s_at > t_in) & (s_idx >= m_pts[moving[0]]))
+            if shown.size:
+                row["moving_frame_shown_ms"] = round(1000 * (s_at[shown[0]] - t_in), 1)
         if mouth_at is not None and voice_at is not None:
             row["mouth_minus_voice_ms"] = round(1000 * (mouth_at - voice_at), 1)
         if k < len(queued_int) and k < len(svc.interrupts_at):
@@ -274,6 +297,7 @@ def analyse_browser(
         "median_first_mouth_ms": median(col("mouth_ms")),
         "median_first_voice_ms": median(col("voice_ms")),
         "median_service_mouth_ms": median(col("service_mouth_ms")),
+        "median_moving_frame_shown_ms": median(col("moving_frame_shown_ms")),
         "median_mouth_minus_voice_ms": median(col("mouth_minus_voice_ms")),
         "median_service_stop_ms": median(col("service_stop_ms")),
         "median_browser_stop_ms": median(col("browser_stop_ms")),
@@ -461,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(median, {b['matched']} utterances), first voice {b['median_first_voice_ms']} ms, "
             f"mouth - voice {b['median_mouth_minus_voice_ms']} ms; presented "
             f"{b['presented_fps']} fps; at the service's output the mouth moves "
-            f"{b['median_service_mouth_ms']} ms after the first TTS audio"
+            f"{b['median_service_mouth_ms']} ms after the first TTS audio, and Chromium shows "
+            f"that frame {b['median_moving_frame_shown_ms']} ms after it"
         )
         print(
             f"interruption: speech stopped {b['median_service_stop_ms']} ms after it reached the "

@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -44,9 +45,7 @@ import itertools
 import browser_lipsync as bl
 
 from talkstream.benchmarking.lipsync import MouthMeter, lagged_r, pearson, resample_series
-
-STAMP_BITS = 12
-STAMP_CELL = 16
+from talkstream.benchmarking.stamp import STAMP_BITS, STAMP_CELL, stamp
 
 # Pixels of the stamp, read in the page at every presented frame.
 PROBE_JS = """
@@ -94,7 +93,11 @@ PROBE_JS = """
       if (s.type === "inbound-rtp") {
         row[s.kind] = { jbd: s.jitterBufferDelay, n: s.jitterBufferEmittedCount,
                         target: s.jitterBufferTargetDelay, min: s.jitterBufferMinimumDelay,
-                        proc: s.totalProcessingDelay, dec: s.framesDecoded ?? null };
+                        proc: s.totalProcessingDelay, dec: s.framesDecoded ?? null,
+                        // NetEq's time stretching and concealment (audio only)
+                        recv: s.totalSamplesReceived ?? null, conc: s.concealedSamples ?? null,
+                        ins: s.insertedSamplesForDeceleration ?? null,
+                        rem: s.removedSamplesForAcceleration ?? null };
       }
     });
     window.__stats.push(row);
@@ -104,11 +107,6 @@ PROBE_JS = """
 }
 """
 TAKE_JS = "() => { const out = window.__st; window.__st = []; return out; }"
-
-
-def stamp(img: np.ndarray, index: int) -> None:
-    for b in range(STAMP_BITS):
-        img[:STAMP_CELL, b * STAMP_CELL : (b + 1) * STAMP_CELL] = 255 if index >> b & 1 else 0
 
 
 def grey(img: np.ndarray) -> np.ndarray:
@@ -127,6 +125,8 @@ class Recorder:
         self.service_options: dict[str, Any] = {}  # passed to the service by a variant
         self.audio_created = 0.0
         self.loop_lag: list[float] = []
+        self.loop_lag_t: list[float] = []
+        self.draws: list[tuple[float, float, int]] = []  # pipecat video draws: t, s, queue
         self.audio_loud: list[bool] = []
         self.audio_added: dict[str, tuple[float, int]] = {}  # block hash -> (t, first pts)
         self.audio_emitted: list[tuple[float, str]] = []  # speech blocks: (t, hash)
@@ -232,8 +232,35 @@ def _pipecat_audio(rec: Recorder) -> None:
     tp.steady_smallwebrtc_audio = lambda: False  # type: ignore[assignment]
 
 
+def _pipecat_video(rec: Recorder) -> None:
+    """pipecat's own live video pacing: the example's prompt_live_video() made a no-op."""
+    import talkstream.integrations.pipecat as tp
+
+    tp.prompt_live_video = lambda: False  # type: ignore[assignment]
+
+
+def _prompt_video(rec: Recorder) -> None:
+    """Live images drawn on arrival (talkstream.integrations.pipecat.prompt_live_video)."""
+    from pipecat.transports.base_output import BaseOutputTransport
+
+    from talkstream.integrations.pipecat import prompt_live_video
+
+    assert prompt_live_video()
+    sender = BaseOutputTransport.MediaSender
+    orig_draw = sender._draw_image
+
+    async def draw(self: Any, frame: Any) -> None:  # how long each image takes to hand over
+        t = time.monotonic()
+        await orig_draw(self, frame)
+        rec.draws.append((t, time.monotonic() - t, self._video_queue.qsize()))
+
+    sender._draw_image = draw
+
+
 VARIANTS = {
     "pipecat_audio": _pipecat_audio,
+    "pipecat_video": _pipecat_video,
+    "prompt_video": _prompt_video,
     "base": lambda rec: None,
     "no_remb": _no_remb,
     "media_pts": _media_pts,
@@ -301,8 +328,10 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
             t = time.monotonic()
             await asyncio.sleep(0.01)
             rec.loop_lag.append(time.monotonic() - t - 0.01)
+            rec.loop_lag_t.append(t)
 
     probe = asyncio.create_task(lag_probe())
+    watchdog = StallWatch(threading.get_ident()) if os.environ.get("STAGES_STALL_STACKS") else None
     try:
         async with async_playwright() as p:
             ctx = await p.chromium.launch_persistent_context(
@@ -337,9 +366,51 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
                 await ctx.close()
     finally:
         probe.cancel()
+        if watchdog is not None:
+            watchdog.stop()
         await runner.cleanup()
         await agent.close()
     return rec, got
+
+
+class StallWatch:
+    """Where the event loop is stuck: a thread that samples the loop thread's stack whenever
+    the loop has not ticked for 40 ms (STAGES_STALL_STACKS=1; printed at the end)."""
+
+    def __init__(self, loop_thread: int) -> None:
+        import traceback
+
+        self._tb = traceback
+        self._loop = asyncio.get_running_loop()
+        self._tid = loop_thread
+        self._last = time.monotonic()
+        self._stop = False
+        self.samples: dict[str, int] = {}
+        self._loop.call_soon(self._tick)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        self._last = time.monotonic()
+        if not self._stop:
+            self._loop.call_later(0.005, self._tick)
+
+    def _run(self) -> None:
+        while not self._stop:
+            time.sleep(0.01)
+            if time.monotonic() - self._last > 0.04:
+                frame = sys._current_frames().get(self._tid)
+                if frame is not None:
+                    stack = self._tb.extract_stack(frame)[-6:]
+                    key = " <- ".join(
+                        f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(stack)
+                    )
+                    self.samples[key] = self.samples.get(key, 0) + 1
+
+    def stop(self) -> None:
+        self._stop = True
+        for key, n in sorted(self.samples.items(), key=lambda kv: -kv[1])[:15]:
+            print(f"stall sample x{n}: {key}", file=sys.stderr)
 
 
 def audio_path(rec: Recorder, aus: np.ndarray) -> dict[str, Any]:
@@ -442,6 +513,7 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
     env_at = np.array([rec.audio.get(int(i), (0.0, 0.0))[1] for i in b_idx])
     s_grid = resample_series(b_t, env_at, grid)
     offsets = []
+    window_r = []
     for w0 in range(0, n - 100, 50):
         seg = slice(w0, w0 + 100)
         best = None
@@ -450,8 +522,18 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
             r = pearson(s_grid[seg], v)
             if r is not None and (best is None or r > best[0]):
                 best = (r, shift_ms)
+        if best is not None:
+            window_r.append(round(best[0], 3))
         if best is not None and best[0] > 0.5:
             offsets.append(best[1])
+    # The same over the whole run, one shift: how much of the emitted voice's shape the voice
+    # heard keeps, placed by the video's presentation times (1.0: a perfect A/V path).
+    whole = None
+    for shift_ms in range(-200, 601, 20):
+        v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], grid[0], n)
+        r = pearson(s_grid, v)
+        if r is not None and (whole is None or r > whole[0]):
+            whole = (round(r, 3), shift_ms)
     # Per-frame path time, service push -> browser presentation (constant clock offset removed).
     emit = np.array([rec.images[int(i)][0] if int(i) in rec.images else np.nan for i in b_idx])
     path = b_t + got["origin_ms"] / 1000 - emit  # both on time.monotonic()
@@ -481,6 +563,18 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
                 per(rows[-5], rows[-1], "target"),
             ]
 
+    # NetEq: samples concealed, inserted (slowed) and removed (sped up), per second received.
+    neteq: dict[str, float] = {}
+    arows = [r["audio"] for r in st if "audio" in r and r["audio"].get("recv")]
+    if len(arows) >= 3:
+        a0, a1 = arows[1], arows[-1]
+        got_s = (a1["recv"] - a0["recv"]) / 48000
+        if got_s > 0:
+            neteq = {
+                k: round((a1[k] - a0[k]) / 48 / got_s, 1)
+                for k in ("conc", "ins", "rem")
+                if a1.get(k) is not None
+            }  # ms per s
     # Audio packets the track handed out ahead of real time (bursts): its pts against the
     # wall clock since its first packet; the most it ran ahead, and at the first packet.
     aus = np.array(rec.audio_sent, dtype=np.float64).reshape(-1, 2)
@@ -540,6 +634,9 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
             "dlib_browser_vs_service_same_index_r": pearson(svc_open[both], by_index[both]),
             "dlib_vs_voice_heard": {"r": heard[0], "voice_after_mouth_ms": heard[1]},
             "av_offset_ms_per_4s_window": offsets,
+            "emitted_vs_heard_voice_r_per_4s_window": window_r,
+            "emitted_vs_heard_voice_whole_run": whole,
+            "neteq_per_s_of_audio": neteq,
             "path_ms_push_to_present_at_2_5s_and_last_3s": [round(lat_first), round(lat_last)],
             "path_drift_ms_per_s": round(float(slope), 1),
             "jitter_buffer_ms_delay_first_last_target_first_last": jb,
@@ -571,6 +668,12 @@ def main() -> int:
             presented=np.array([(f[0], f[2], f[3]) for f in fr], dtype=np.float64),
             voice=np.asarray(got["voice"], dtype=np.float64).reshape(-1, 2),
             time_origin=np.array([got.get("origin_ms", np.nan)]),
+            loop_lag=np.array([rec.loop_lag_t, rec.loop_lag]),
+            audio_sent=np.array(rec.audio_sent),
+            draws=np.array(rec.draws),
+        )
+        a.out.with_suffix(".stats.json").write_text(
+            json.dumps({"stats": got.get("stats"), "origin_ms": got.get("origin_ms")})
         )
     res = analyse(rec, got, MouthMeter())
     res.update(
