@@ -236,3 +236,73 @@ async def test_steady_smallwebrtc_audio_takes_the_next_block_while_one_plays() -
     pcm = np.concatenate([f.to_ndarray()[0] for f in [first, *rest]])
     assert np.array_equal(pcm, np.concatenate(blocks))  # in order, no silence in between
     assert [f.pts for f in [first, *rest]] == [480 * k for k in range(8)]
+
+
+async def test_prompt_live_video_sends_paced_images_at_once_and_slows_a_burst() -> None:
+    from pipecat.frames.frames import OutputImageRawFrame
+    from pipecat.transports.base_output import BaseOutputTransport
+    from pipecat.transports.base_transport import TransportParams
+
+    from talkstream.integrations.pipecat import prompt_live_video
+
+    assert prompt_live_video() and prompt_live_video()  # idempotent
+    drawn: list[tuple[float, int]] = []
+
+    class Recording(BaseOutputTransport):  # pipecat's own transport, writing nowhere
+        def get_event_loop(self) -> asyncio.AbstractEventLoop:
+            return asyncio.get_running_loop()
+
+        async def write_video_frame(self, frame: OutputImageRawFrame) -> bool:
+            drawn.append((asyncio.get_running_loop().time(), frame.pts))
+            return True
+
+    params = TransportParams(
+        video_out_enabled=True,
+        video_out_is_live=True,
+        video_out_framerate=25,
+        video_out_width=32,
+        video_out_height=16,
+    )
+    sender = BaseOutputTransport.MediaSender(
+        Recording(params),
+        destination=None,
+        sample_rate=48_000,
+        audio_chunk_size=3840,
+        params=params,
+    )
+    sender._video_queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def image(k: int) -> OutputImageRawFrame:
+        frame = OutputImageRawFrame(bytes(32 * 16 * 3), (32, 16), "RGB")
+        frame.pts = k
+        return frame
+
+    task = asyncio.create_task(sender._video_task_handler())  # pipecat's own loop
+    try:
+        # A producer that keeps 25 fps: pipecat would hold each image a frame period (40 ms).
+        put_at = {}
+        for k in range(10):
+            put_at[k] = loop.time()
+            await sender._video_queue.put(image(k))
+            await asyncio.sleep(0.04)
+        # The producer falls 3 frames behind, then sends them at once: they go at once.
+        await asyncio.sleep(0.08)
+        for k in range(10, 13):
+            put_at[k] = loop.time()
+            await sender._video_queue.put(image(k))
+        await asyncio.sleep(0.04)
+        waits = sorted(t - put_at[k] for t, k in drawn)
+        assert len(waits) == 13 and waits[6] < 0.02 and waits[-1] < 0.04, waits
+        # A burst of 12 at once from a fresh schedule: spaced one period apart.
+        await asyncio.sleep(0.5)
+        drawn.clear()
+        t0 = loop.time()
+        for k in range(12):
+            sender._video_queue.put_nowait(image(100 + k))
+        await sender._video_queue.join()
+        assert [k for _, k in drawn] == list(range(100, 112))
+        assert drawn[-1][0] - t0 >= 11 * 0.04 * 0.9
+    finally:
+        task.cancel()
+        sender._executor.shutdown(wait=False)

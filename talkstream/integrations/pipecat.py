@@ -592,6 +592,64 @@ def steady_smallwebrtc_audio() -> bool:
     return True
 
 
+LIVE_VIDEO_RESET = 5  # frame periods off its schedule after which prompt_live_video() restarts it
+
+
+def prompt_live_video() -> bool:
+    """Send each live image when it arrives instead of one frame period later.
+
+    pipecat 1.14's output transport paces live video (``video_out_is_live``) on a schedule
+    fixed by the first image: every image waits for its slot, at least one frame period after
+    the first. For a producer that already paces its images (this service does, at 25 fps,
+    each image with its audio block), that holds every image 0-80 ms (where the schedule's
+    phase happens to fall, and it moves when pipecat resets it) while the audio goes on: the
+    mouth leaves later than the voice it belongs to, by an amount that differs per connection
+    (measured with ``benchmarks/experiments/pipecat_stages.py``: 5, 54 and 83 ms in three
+    sessions). With this, an image that keeps to the frame rate, or is late, is drawn at
+    once; one that comes early by more than half a period still waits for its slot, so a
+    producer faster than the frame rate is slowed to it as before.
+
+    Changes pipecat's class, for every output transport of the process; idempotent. Returns
+    False, changing nothing, when the installed pipecat does not look as expected.
+    """
+    try:
+        from pipecat.transports.base_output import BaseOutputTransport
+    except ImportError:  # pragma: no cover - pipecat is a dependency of this module
+        return False
+    sender = getattr(BaseOutputTransport, "MediaSender", None)
+    original = getattr(sender, "_video_is_live_handler", None)
+    if original is None or not hasattr(sender, "_draw_image"):
+        log.warning(
+            "pipecat's output transport has changed: its live video pacing is left as it is"
+        )
+        return False
+    if getattr(original, "_talkstream_prompt", False):
+        return True
+
+    async def _video_is_live_handler(self: Any) -> None:
+        image = await self._video_queue.get()
+        # Image k's slot is k periods after the first image's arrival (pipecat's: k + 1). An
+        # image that is late, on time or early by less than half a period goes at once, so a
+        # producer that keeps the frame rate is never held and one that fell behind catches
+        # up; an image early by more waits for its slot (a faster producer is slowed to the
+        # rate). Far off the schedule either way (a pause), it starts again from this image.
+        period = 1.0 / self._params.video_out_framerate
+        now = time.monotonic()
+        k, start = getattr(self, "_talkstream_slots", (0, None))
+        if start is None or abs(start + k * period - now) > LIVE_VIDEO_RESET * period:
+            start = now - k * period
+        slot = start + k * period
+        if slot - now > period / 2:
+            await asyncio.sleep(slot - now)
+        self._talkstream_slots = (k + 1, start)
+        await self._draw_image(image)
+        self._video_queue.task_done()
+
+    _video_is_live_handler._talkstream_prompt = True  # type: ignore[attr-defined]
+    sender._video_is_live_handler = _video_is_live_handler  # type: ignore[union-attr]
+    return True
+
+
 # ----------------------------------------------------------------------------- local TTS
 
 
