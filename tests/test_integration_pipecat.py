@@ -303,6 +303,65 @@ async def test_prompt_live_video_sends_paced_images_at_once_and_slows_a_burst() 
         await sender._video_queue.join()
         assert [k for _, k in drawn] == list(range(100, 112))
         assert drawn[-1][0] - t0 >= 11 * 0.04 * 0.9
+        # This service's own images (its metadata) are never held: it paces them itself.
+        await asyncio.sleep(0.5)
+        drawn.clear()
+        t0 = loop.time()
+        for k in range(6):
+            ours = image(200 + k)
+            ours.metadata[META_KEY] = {"index": k}
+            sender._video_queue.put_nowait(ours)
+        await sender._video_queue.join()
+        assert [k for _, k in drawn] == list(range(200, 206))
+        assert drawn[-1][0] - t0 < 0.1
     finally:
         task.cancel()
         sender._executor.shutdown(wait=False)
+
+
+async def test_an_interruption_also_empties_the_smallwebrtc_audio_track() -> None:
+    pytest.importorskip("aiortc", reason="pipecat's webrtc extra is not installed")
+    from pipecat.frames.frames import StartFrame
+    from pipecat.transports.base_transport import TransportParams
+    from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+    from pipecat.transports.smallwebrtc.transport import (
+        RawAudioTrack,
+        SmallWebRTCCallbacks,
+        SmallWebRTCClient,
+        SmallWebRTCOutputTransport,
+    )
+    from pipecat.utils.asyncio.task_manager import TaskManager
+
+    from talkstream.integrations.pipecat import tune_smallwebrtc
+
+    assert tune_smallwebrtc()
+
+    async def ignore(*_: Any, **__: Any) -> None:
+        return None
+
+    callbacks = SmallWebRTCCallbacks(
+        on_app_message=ignore,
+        on_client_connected=ignore,
+        on_client_disconnected=ignore,
+        on_track_status=ignore,
+    )
+    client = SmallWebRTCClient(SmallWebRTCConnection(), callbacks)
+    params = TransportParams(audio_out_enabled=True, audio_out_sample_rate=48_000)
+    transport = SmallWebRTCOutputTransport(
+        client, params, task_manager=TaskManager(loop=asyncio.get_running_loop())
+    )
+    track = RawAudioTrack(48_000)
+    client._audio_output_track = track
+    # Two 40 ms blocks of the sentence already in the track (steady_smallwebrtc_audio lets
+    # it hold two) when the user barges in.
+    written = [track.add_audio_bytes(np.full(1920, 3000, np.int16).tobytes()) for _ in range(2)]
+    sender = transport.MediaSender(
+        transport, destination=None, sample_rate=48_000, audio_chunk_size=3840, params=params
+    )
+    await sender.start(StartFrame(audio_out_sample_rate=48_000))
+    try:
+        await sender.handle_interruptions(InterruptionFrame())
+        assert not track._chunk_queue and all(w.done() for w in written)
+        assert not (await track.recv()).to_ndarray().any()  # silence, not the cut sentence
+    finally:
+        await sender.cancel(CancelFrame())

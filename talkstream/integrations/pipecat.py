@@ -592,6 +592,63 @@ def steady_smallwebrtc_audio() -> bool:
     return True
 
 
+def drop_smallwebrtc_audio_on_interruption() -> bool:
+    """On an interruption, also drop the voice already handed to SmallWebRTC's audio track.
+
+    pipecat 1.14 clears its output transport's queues when the user barges in, but not the
+    chunks its ``RawAudioTrack`` holds (one 40 ms block; two with
+    :func:`steady_smallwebrtc_audio`), so up to 80 ms of the cut sentence still plays. With
+    this, an ``InterruptionFrame`` empties the track too (the writers waiting on those
+    chunks are released); the next chunk the track sends is silence.
+
+    Changes pipecat's class, for every output transport of the process; idempotent. Returns
+    False, changing nothing, when the installed pipecat does not look as expected.
+    """
+    try:
+        from pipecat.transports.base_output import BaseOutputTransport
+        from pipecat.transports.smallwebrtc.transport import SmallWebRTCOutputTransport
+    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
+        return False
+    sender = getattr(BaseOutputTransport, "MediaSender", None)
+    original = getattr(sender, "handle_interruptions", None)
+    if original is None:
+        log.warning("pipecat's output transport has changed: interruptions are left as they are")
+        return False
+    if getattr(original, "_talkstream_drop", False):
+        return True
+
+    async def handle_interruptions(self: Any, frame: Any) -> None:
+        await original(self, frame)
+        transport = getattr(self, "_transport", None)
+        if not isinstance(transport, SmallWebRTCOutputTransport):
+            return
+        track = getattr(getattr(transport, "_client", None), "_audio_output_track", None)
+        queue = getattr(track, "_chunk_queue", None)
+        if not isinstance(queue, deque):
+            return
+        while queue:
+            _chunk, future = queue.popleft()
+            if future is not None and not future.done():
+                future.set_result(True)
+
+    handle_interruptions._talkstream_drop = True  # type: ignore[attr-defined]
+    sender.handle_interruptions = handle_interruptions  # type: ignore[union-attr]
+    return True
+
+
+def tune_smallwebrtc() -> bool:
+    """All of this module's fixes to pipecat's SmallWebRTC output, for every connection of the
+    process (call once, before the transports are made): :func:`steady_smallwebrtc_audio`,
+    :func:`prompt_live_video` and :func:`drop_smallwebrtc_audio_on_interruption`. True when
+    all three took effect."""
+    results = [
+        steady_smallwebrtc_audio(),
+        prompt_live_video(),
+        drop_smallwebrtc_audio_on_interruption(),
+    ]
+    return all(results)
+
+
 LIVE_VIDEO_RESET = 5  # frame periods off its schedule after which prompt_live_video() restarts it
 
 
@@ -605,9 +662,10 @@ def prompt_live_video() -> bool:
     phase happens to fall, and it moves when pipecat resets it) while the audio goes on: the
     mouth leaves later than the voice it belongs to, by an amount that differs per connection
     (measured with ``benchmarks/experiments/pipecat_stages.py``: 5, 54 and 83 ms in three
-    sessions). With this, an image that keeps to the frame rate, or is late, is drawn at
-    once; one that comes early by more than half a period still waits for its slot, so a
-    producer faster than the frame rate is slowed to it as before.
+    sessions). With this, this service's images are drawn as they come (it paces them), and
+    other live images by a schedule without the extra period: one that keeps to the frame
+    rate, or is late, is drawn at once; one early by more than half a period waits for its
+    slot, so a producer faster than the frame rate is still slowed to it.
 
     Changes pipecat's class, for every output transport of the process; idempotent. Returns
     False, changing nothing, when the installed pipecat does not look as expected.
@@ -633,6 +691,11 @@ def prompt_live_video() -> bool:
         # producer that keeps the frame rate is never held and one that fell behind catches
         # up; an image early by more waits for its slot (a faster producer is slowed to the
         # rate). Far off the schedule either way (a pause), it starts again from this image.
+        if META_KEY in (getattr(image, "metadata", None) or {}):
+            # TalkstreamVideoService paces its images itself, each beside its audio block.
+            await self._draw_image(image)
+            self._video_queue.task_done()
+            return
         period = 1.0 / self._params.video_out_framerate
         now = time.monotonic()
         k, start = getattr(self, "_talkstream_slots", (0, None))
@@ -730,5 +793,8 @@ __all__ = [
     "META_KEY",
     "EspeakTTSService",
     "TalkstreamVideoService",
+    "drop_smallwebrtc_audio_on_interruption",
+    "prompt_live_video",
     "steady_smallwebrtc_audio",
+    "tune_smallwebrtc",
 ]
