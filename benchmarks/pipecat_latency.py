@@ -437,7 +437,34 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="speech arriving while idle starts after the silence already fed ahead of the "
         "display (StreamConfig.early_speech_start=False, the behaviour before it)",
     )
+    p.add_argument(
+        "--untuned",
+        default="",
+        help="comma list of SmallWebRTC fixes to leave out, for comparisons: video (pipecat's "
+        "own live video pacing), interruption (the audio track kept on a barge-in), audio "
+        "(pipecat's audio handoff)",
+    )
     return p.parse_args(argv)
+
+
+UNTUNED = {
+    "audio": "steady_smallwebrtc_audio",
+    "video": "prompt_live_video",
+    "interruption": "drop_smallwebrtc_audio_on_interruption",
+}
+
+
+def leave_out(names: str) -> list[str]:
+    """Make the named fixes of talkstream.integrations.pipecat no-ops (before the example
+    applies them with tune_smallwebrtc())."""
+    import talkstream.integrations.pipecat as tp
+
+    out = [n for n in names.split(",") if n]
+    for name in out:
+        if name not in UNTUNED:
+            raise SystemExit(f"pipecat_latency: --untuned takes {', '.join(UNTUNED)}, not {name}")
+        setattr(tp, UNTUNED[name], lambda: False)
+    return out
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -453,6 +480,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     example = load_example()
     result: dict[str, Any] = {
         "early_speech_start": not args.late_start,
+        "untuned": leave_out(args.untuned),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_before": load_avg(),
     }

@@ -344,11 +344,12 @@ class Agent:
         from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
         from pipecat.workers.runner import WorkerRunner
 
-        from talkstream.integrations.pipecat import EspeakTTSService, steady_smallwebrtc_audio
+        from talkstream.integrations.pipecat import EspeakTTSService, tune_smallwebrtc
 
-        # Without it the voice falls behind the lips during long speech on a busy CPU (see
-        # its docstring); once per process, for every connection.
-        steady_smallwebrtc_audio()
+        # Once per process, for every connection: without it the voice falls behind the lips
+        # during long speech on a busy CPU, every image waits up to two frames in pipecat's
+        # pacing, and a barge-in lets 80 ms of the cut sentence play (see its docstring).
+        tune_smallwebrtc()
         video = self.make_video_service()
         width, height = video.frame_size
         transport = SmallWebRTCTransport(

@@ -239,28 +239,9 @@ def _pipecat_video(rec: Recorder) -> None:
     tp.prompt_live_video = lambda: False  # type: ignore[assignment]
 
 
-def _prompt_video(rec: Recorder) -> None:
-    """Live images drawn on arrival (talkstream.integrations.pipecat.prompt_live_video)."""
-    from pipecat.transports.base_output import BaseOutputTransport
-
-    from talkstream.integrations.pipecat import prompt_live_video
-
-    assert prompt_live_video()
-    sender = BaseOutputTransport.MediaSender
-    orig_draw = sender._draw_image
-
-    async def draw(self: Any, frame: Any) -> None:  # how long each image takes to hand over
-        t = time.monotonic()
-        await orig_draw(self, frame)
-        rec.draws.append((t, time.monotonic() - t, self._video_queue.qsize()))
-
-    sender._draw_image = draw
-
-
 VARIANTS = {
     "pipecat_audio": _pipecat_audio,
     "pipecat_video": _pipecat_video,
-    "prompt_video": _prompt_video,
     "base": lambda rec: None,
     "no_remb": _no_remb,
     "media_pts": _media_pts,
