@@ -14,6 +14,10 @@ those on the same wall clock (``time.time()``) as the service's own events. Per 
   presented frame whose mouth region changed beyond the still face's noise (3x its p99, and at
   least 1.0 grey level per pixel; frames the renderer skipped repeat the previous one, so
   motion comes in single-frame steps and a "sustained" rule would miss it);
+- mouth away from rest: the same to the first presented frame whose mouth region differs from
+  a snapshot of the face at rest (taken 0.3 s before the utterance) by more than the still
+  frames do (3x their p99, at least 1.0 grey level per pixel): a mouth that opens slowly never
+  changes much between two frames, so the frame-to-frame measure above can miss its start;
 - first moving frame shown: the same to the moment Chromium presented the first frame whose
   *landmarks* moved at the service (the service's own criterion, 5x the still face's p99), found
   by the frame index this benchmark stamps into each image's top-left corner
@@ -64,6 +68,37 @@ SENTENCES = (
     "Here is a long sentence that you will probably cut off before it ends, like people do.",
 )
 SPEECH_RMS = 0.02
+REST_STILL_S = 0.3  # still frames recorded against the rest snapshot before each utterance
+
+# The mouth box of every presented frame against a snapshot of the face at rest, taken when
+# window.__snap is set (before each utterance): the mean change per pixel (R and G, as the
+# page's own frame-to-frame measure) into window.__rest as [presentation time, change]. A mouth
+# that opens slowly never changes much from one frame to the next, but it does from rest.
+REST_PROBE_JS = """
+(box) => {
+  const v = document.querySelector("#video");
+  const [x0, y0, x1, y1] = box, w = x1 - x0, h = y1 - y0;
+  const c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  const g = c.getContext("2d", { willReadFrequently: true });
+  window.__rest = []; window.__ref = null; window.__snap = false;
+  const step = (now, meta) => {
+    g.drawImage(v, x0, y0, w, h, 0, 0, w, h);
+    const px = g.getImageData(0, 0, w, h).data;
+    if (window.__snap) { window.__ref = px.slice(); window.__snap = false; }
+    const ref = window.__ref;
+    if (ref) {
+      let sum = 0;
+      for (let i = 0; i < px.length; i += 4) {
+        sum += Math.abs(px[i] - ref[i]) + Math.abs(px[i + 1] - ref[i + 1]);
+      }
+      window.__rest.push([meta.expectedDisplayTime || now, sum / (px.length / 2)]);
+    }
+    v.requestVideoFrameCallback(step);
+  };
+  v.requestVideoFrameCallback(step);
+}
+"""
 QUIET_RMS = 0.003
 QUIET_HOLD_S = 0.3
 MOUTH_MIN_DIFF = 1.0
@@ -135,6 +170,20 @@ def instrumented_service_class() -> type:
     return Timed
 
 
+def from_rest(at: np.ndarray, val: np.ndarray, snap: float | None, t_in: float) -> dict[str, float]:
+    """When the mouth first differs visibly from its rest snapshot: the still frames between
+    the snapshot and the first TTS audio give the noise (3x their p99, at least 1.0 grey level
+    per pixel, as the frame-to-frame measure)."""
+    if snap is None or not at.size:
+        return {}
+    still = val[(at > snap) & (at < t_in)]
+    if still.size < 3:
+        return {}
+    thr = max(3 * float(np.percentile(still, 99)), MOUTH_MIN_DIFF)
+    t = first_above(at, val, t_in, thr)
+    return {} if t is None else {"mouth_from_rest_ms": round(1000 * (t - t_in), 1)}
+
+
 def first_above(times: np.ndarray, values: np.ndarray, after: float, thr: float) -> float | None:
     """First time > ``after`` where ``values`` exceed ``thr``."""
     idx = np.flatnonzero((times > after) & (values > thr))
@@ -194,13 +243,18 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                 )
                 origin_ms = await page.evaluate("performance.timeOrigin")
                 await page.evaluate(STAMP_PROBE_JS, "#video")
+                await page.evaluate(REST_PROBE_JS, await page.evaluate("ts.mouthBox"))
                 conn = next(iter(agent.connections.values()))
                 svc = conn.video
                 await asyncio.sleep(3.0)  # the encoder's quality ramp; a still face to learn
                 from pipecat.frames.frames import InterruptionFrame, TTSSpeakFrame
 
                 queued_int: list[float] = []
+                snaps: list[float] = []
                 for k in range(args.utterances):
+                    snaps.append(time.time())
+                    await page.evaluate("window.__snap = true")
+                    await asyncio.sleep(REST_STILL_S)
                     svc.rearm()
                     await conn.worker.queue_frame(TTSSpeakFrame(SENTENCES[k % len(SENTENCES)]))
                     await asyncio.sleep(args.interrupt_after_s)
@@ -209,7 +263,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                     await asyncio.sleep(args.gap_s)
                 got = await page.evaluate(
                     "({presented: ts.presented, mouth: ts.mouth, voice: ts.voice,"
-                    " stamps: window.__stamps})"
+                    " stamps: window.__stamps, rest: window.__rest})"
                 )
             finally:
                 await browser.close()
@@ -223,14 +277,18 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                 "speech_blocks_at": svc.speech_blocks_at,
             }
             args.raw_out.write_text(json.dumps(raw))
-        results.update(analyse_browser(got, origin_ms, svc, queued_int))
+        results.update(analyse_browser(got, origin_ms, svc, queued_int, snaps))
     finally:
         await agent.close()
     return results
 
 
 def analyse_browser(
-    got: dict[str, Any], origin_ms: float, svc: Any, queued_int: list[float]
+    got: dict[str, Any],
+    origin_ms: float,
+    svc: Any,
+    queued_int: list[float],
+    snaps: list[float] | None = None,
 ) -> dict[str, Any]:
     to_wall = lambda a: (np.asarray(a, dtype=np.float64) + origin_ms) / 1000  # noqa: E731
     presented = to_wall(got["presented"])
@@ -253,6 +311,8 @@ def analyse_browser(
     st = np.asarray(got.get("stamps") or [], dtype=np.float64).reshape(-1, 2)
     s_at = to_wall(st[:, 0])
     s_idx = unwrap(st[:, 1].astype(np.int64), max(svc.images_at)) if st.size else st[:, 1]
+    rest = np.asarray(got.get("rest") or [], dtype=np.float64).reshape(-1, 2)
+    r_at, r_val = to_wall(rest[:, 0]), rest[:, 1]
     rows = []
     blocks = np.asarray(svc.speech_blocks_at)
     for k, t_in in enumerate(first_audio):
@@ -261,6 +321,7 @@ def analyse_browser(
         row: dict[str, Any] = {
             "first_audio_in": t_in,
             "mouth_ms": None if mouth_at is None else round(1000 * (mouth_at - t_in), 1),
+            **from_rest(r_at, r_val, snaps[k] if snaps and k < len(snaps) else None, t_in),
             "voice_ms": None if voice_at is None else round(1000 * (voice_at - t_in), 1),
         }
         moving = np.flatnonzero((m_at > t_in) & (m_val > m_thr))
@@ -295,6 +356,7 @@ def analyse_browser(
         "utterances": rows,
         "presented_fps": round((presented.size - 1) / span, 2) if span else None,
         "median_first_mouth_ms": median(col("mouth_ms")),
+        "median_mouth_from_rest_ms": median(col("mouth_from_rest_ms")),
         "median_first_voice_ms": median(col("voice_ms")),
         "median_service_mouth_ms": median(col("service_mouth_ms")),
         "median_moving_frame_shown_ms": median(col("moving_frame_shown_ms")),
@@ -514,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
             f"mouth - voice {b['median_mouth_minus_voice_ms']} ms; presented "
             f"{b['presented_fps']} fps; at the service's output the mouth moves "
             f"{b['median_service_mouth_ms']} ms after the first TTS audio, and Chromium shows "
-            f"that frame {b['median_moving_frame_shown_ms']} ms after it"
+            f"that frame {b['median_moving_frame_shown_ms']} ms after it; the mouth first "
+            f"differs visibly from its rest pose in Chromium {b['median_mouth_from_rest_ms']} ms "
+            "after it"
         )
         print(
             f"interruption: speech stopped {b['median_service_stop_ms']} ms after it reached the "

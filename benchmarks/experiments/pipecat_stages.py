@@ -127,6 +127,7 @@ class Recorder:
         self.loop_lag: list[float] = []
         self.loop_lag_t: list[float] = []
         self.draws: list[tuple[float, float, int]] = []  # pipecat video draws: t, s, queue
+        self.page_js: str | None = None  # run in the page once connected, by a variant
         self.audio_loud: list[bool] = []
         self.audio_added: dict[str, tuple[float, int]] = {}  # block hash -> (t, first pts)
         self.audio_emitted: list[tuple[float, str]] = []  # speech blocks: (t, hash)
@@ -239,7 +240,15 @@ def _pipecat_video(rec: Recorder) -> None:
     tp.prompt_live_video = lambda: False  # type: ignore[assignment]
 
 
+def _jb_target(rec: Recorder) -> None:
+    """The page asks Chromium for a 60 ms jitter buffer on both receivers from the start
+    (RTCRtpReceiver.jitterBufferTarget), so the video does not start near 0 ms and creep up
+    to the audio's delay during the first seconds."""
+    rec.page_js = "pc.getReceivers().forEach((r) => { r.jitterBufferTarget = 60; })"
+
+
 VARIANTS = {
+    "jb_target": _jb_target,
     "pipecat_audio": _pipecat_audio,
     "pipecat_video": _pipecat_video,
     "base": lambda rec: None,
@@ -327,6 +336,8 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
                 await page.wait_for_function(
                     "window.ts && window.ts.state === 'connected' && ts.faceBox", timeout=60_000
                 )
+                if rec.page_js:
+                    await page.evaluate(rec.page_js)
                 await page.evaluate(PROBE_JS, [STAMP_BITS, STAMP_CELL, rec.box])
                 frames: list[Any] = []
                 end = time.monotonic() + seconds
