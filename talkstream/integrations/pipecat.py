@@ -599,7 +599,9 @@ def drop_smallwebrtc_audio_on_interruption() -> bool:
     chunks its ``RawAudioTrack`` holds (one 40 ms block; two with
     :func:`steady_smallwebrtc_audio`), so up to 80 ms of the cut sentence still plays. With
     this, an ``InterruptionFrame`` empties the track too (the writers waiting on those
-    chunks are released); the next chunk the track sends is silence.
+    chunks are released); the next chunk the track sends is silence. Audio that pipecat marks
+    uninterruptible is dropped with it if it already sat in the track (at most those two
+    blocks); pipecat's own queues keep theirs.
 
     Changes pipecat's class, for every output transport of the process; idempotent. Returns
     False, changing nothing, when the installed pipecat does not look as expected.
@@ -658,11 +660,11 @@ def prompt_live_video() -> bool:
     pipecat 1.14's output transport paces live video (``video_out_is_live``) on a schedule
     fixed by the first image: every image waits for its slot, at least one frame period after
     the first. For a producer that already paces its images (this service does, at 25 fps,
-    each image with its audio block), that holds every image 0-80 ms (where the schedule's
-    phase happens to fall, and it moves when pipecat resets it) while the audio goes on: the
-    mouth leaves later than the voice it belongs to, by an amount that differs per connection
-    (measured with ``benchmarks/experiments/pipecat_stages.py``: 5, 54 and 83 ms in three
-    sessions). With this, this service's images are drawn as they come (it paces them), and
+    each image with its audio block), that holds every image by wherever the schedule's phase
+    happens to fall (it moves when pipecat resets it) while the audio goes on: the mouth
+    leaves later than the voice it belongs to, by an amount that differs per connection
+    (measured with ``benchmarks/experiments/pipecat_stages.py``: 5-83 ms in 8 connections;
+    2-5 ms with this). With this, this service's images are drawn as they come (it paces them), and
     other live images by a schedule without the extra period: one that keeps to the frame
     rate, or is late, is drawn at once; one early by more than half a period waits for its
     slot, so a producer faster than the frame rate is still slowed to it.
@@ -686,16 +688,17 @@ def prompt_live_video() -> bool:
 
     async def _video_is_live_handler(self: Any) -> None:
         image = await self._video_queue.get()
-        # Image k's slot is k periods after the first image's arrival (pipecat's: k + 1). An
-        # image that is late, on time or early by less than half a period goes at once, so a
-        # producer that keeps the frame rate is never held and one that fell behind catches
-        # up; an image early by more waits for its slot (a faster producer is slowed to the
-        # rate). Far off the schedule either way (a pause), it starts again from this image.
         if META_KEY in (getattr(image, "metadata", None) or {}):
             # TalkstreamVideoService paces its images itself, each beside its audio block.
             await self._draw_image(image)
             self._video_queue.task_done()
             return
+        # Other producers: image k's slot is k periods after the first image's arrival
+        # (pipecat's: k + 1). An image that is late, on time or early by less than half a
+        # period goes at once, so a producer that keeps the frame rate is never held and one
+        # that fell behind catches up; an image early by more waits for its slot (a faster
+        # producer is slowed to the rate). Far off the schedule either way (a pause), the
+        # schedule starts again from this image.
         period = 1.0 / self._params.video_out_framerate
         now = time.monotonic()
         k, start = getattr(self, "_talkstream_slots", (0, None))
