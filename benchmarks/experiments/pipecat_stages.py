@@ -110,9 +110,10 @@ TAKE_JS = "() => { const out = window.__st; window.__st = []; return out; }"
 
 
 def grey(img: np.ndarray) -> np.ndarray:
-    return (
-        (img[..., 0].astype(np.uint16) * 77 + img[..., 1] * 150 + img[..., 2] * 29) >> 8
-    ).astype(np.uint8)
+    # All in uint16: in numpy 2 a uint8 channel times 150 stays uint8 and wraps (which made
+    # the service side's crops dark and garbled until 2026-12-06).
+    c = img.astype(np.uint16)
+    return ((c[..., 0] * 77 + c[..., 1] * 150 + c[..., 2] * 29) >> 8).astype(np.uint8)
 
 
 class Recorder:
@@ -449,6 +450,9 @@ def underruns(loud: list[bool], span: int = 3) -> int:
     return out
 
 
+SERIES: dict[str, np.ndarray] = {}
+
+
 def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
     x0, y0, x1, y1 = rec.box
     h, w = y1 - y0, x1 - x0
@@ -483,6 +487,10 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
         o = dlib(g)
         b_open.append(o)
         b_open_by.setdefault(int(i), o)
+        if os.environ.get("STAGES_SAVE_CROPS") and int(i) in rec.images and int(i) % 5 == 0:
+            crops = SERIES.setdefault("crops", [])  # type: ignore[arg-type]
+            if not any(c[0] == int(i) for c in crops):  # type: ignore[index]
+                crops.append((int(i), g, rec.images[int(i)][2]))  # type: ignore[union-attr]
     b_open_arr = np.array(b_open)
     steps = np.diff(b_idx)
     by_index = np.array([b_open_by.get(i, np.nan) for i in range(lo, hi + 1)])
@@ -492,6 +500,9 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
         np.arange(lo, hi + 1, dtype=np.float64),
     )
     both = np.isfinite(svc_open) & np.isfinite(by_index)
+    SERIES.update(  # for a closer look (--out writes them beside the JSON)
+        b_t=b_t, b_idx=b_idx, b_open=b_open_arr, lo=np.array([lo]), env=env, svc_open=svc_open
+    )
     voice = np.asarray(got["voice"], dtype=np.float64).reshape(-1, 2)
     n = int((b_t[-1] - b_t[0]) * 25)
     grid = b_t[0] + np.arange(n) / 25
@@ -668,6 +679,13 @@ def main() -> int:
             json.dumps({"stats": got.get("stats"), "origin_ms": got.get("origin_ms")})
         )
     res = analyse(rec, got, MouthMeter())
+    if a.out:
+        crops = SERIES.pop("crops", None)
+        if crops:
+            SERIES["crop_index"] = np.array([c[0] for c in crops])
+            SERIES["crop_browser"] = np.stack([c[1] for c in crops])
+            SERIES["crop_service"] = np.stack([c[2] for c in crops])
+        np.savez(a.out.with_suffix(".series.npz"), **SERIES)
     res.update(
         variant=a.variant,
         load=[round(load0, 2), round(os.getloadavg()[0], 2)],
