@@ -237,7 +237,8 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
             )
             try:
                 page = browser.pages[0] if browser.pages else await browser.new_page()
-                await page.goto(f"{url}/?autostart=1")
+                query = "" if args.jitter_ms is None else f"&jitter_ms={args.jitter_ms}"
+                await page.goto(f"{url}/?autostart=1{query}")
                 await page.wait_for_function(
                     "window.ts && window.ts.state === 'connected'", timeout=30_000
                 )
@@ -500,6 +501,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "display (StreamConfig.early_speech_start=False, the behaviour before it)",
     )
     p.add_argument(
+        "--jitter-ms",
+        type=int,
+        default=None,
+        help="a jitter buffer for the page to ask Chromium for (default: Chromium's own)",
+    )
+    p.add_argument(
         "--untuned",
         default="",
         help="comma list of SmallWebRTC fixes to leave out, for comparisons: video (pipecat's "
@@ -543,6 +550,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "early_speech_start": not args.late_start,
         "untuned": leave_out(args.untuned),
+        "page_jitter_ms": args.jitter_ms,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "load_before": load_avg(),
     }

@@ -72,6 +72,7 @@ input[type=text] { width: 60%; }
 // window.ts: state for tests and benchmarks. Every presented frame's time (performance.now(),
 // requestVideoFrameCallback), the mouth region's mean change per frame, the avatar's voice
 // level every 5 ms, and (while ts.capture is true) grey crops of the face for landmarking.
+const JITTER_MS = Number(new URLSearchParams(location.search).get("jitter_ms") ?? 0);
 const ts = { state: "idle", error: null, pcId: null, faceBox: null, mouthBox: null,
              presented: [], mouth: [], voice: [], faces: [], capture: false };
 window.ts = ts;
@@ -101,6 +102,13 @@ async function start() {
     pc.addTransceiver("video", { direction: "sendrecv" });
     const remote = new MediaStream();
     pc.ontrack = (ev) => {
+      // ?jitter_ms=N asks Chromium for an N ms jitter buffer on the voice and the face from
+      // the first packet. Left alone it starts the video near 0 ms and the audio at 40-60 ms
+      // and brings them together over ~20 s; 60 ms steadied that but cost ~20 ms of latency
+      // with no measurable lip-sync gain (benchmarks/RESULTS.md), so the default is Chromium's.
+      if (JITTER_MS > 0 && "jitterBufferTarget" in ev.receiver) {
+        ev.receiver.jitterBufferTarget = JITTER_MS;
+      }
       remote.addTrack(ev.track);
       video.srcObject = remote;
       if (ev.track.kind === "audio") levelProbe(new MediaStream([ev.track]), ts.voice);

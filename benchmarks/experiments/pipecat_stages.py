@@ -129,6 +129,7 @@ class Recorder:
         self.loop_lag_t: list[float] = []
         self.draws: list[tuple[float, float, int]] = []  # pipecat video draws: t, s, queue
         self.page_js: str | None = None  # run in the page once connected, by a variant
+        self.page_query = ""  # added to the page's URL, by a variant
         self.audio_loud: list[bool] = []
         self.audio_added: dict[str, tuple[float, int]] = {}  # block hash -> (t, first pts)
         self.audio_emitted: list[tuple[float, str]] = []  # speech blocks: (t, hash)
@@ -242,14 +243,19 @@ def _pipecat_video(rec: Recorder) -> None:
 
 
 def _jb_target(rec: Recorder) -> None:
-    """The page asks Chromium for a 60 ms jitter buffer on both receivers from the start
-    (RTCRtpReceiver.jitterBufferTarget), so the video does not start near 0 ms and creep up
-    to the audio's delay during the first seconds."""
+    """The page asks Chromium for a 60 ms jitter buffer on both receivers from the first
+    packet (?jitter_ms=60; the example page leaves Chromium's default)."""
+    rec.page_query = "&jitter_ms=60"
+
+
+def _jb_late(rec: Recorder) -> None:
+    """Chromium's default at first, then 60 ms asked for once connected."""
     rec.page_js = "pc.getReceivers().forEach((r) => { r.jitterBufferTarget = 60; })"
 
 
 VARIANTS = {
     "jb_target": _jb_target,
+    "jb_late": _jb_late,
     "pipecat_audio": _pipecat_audio,
     "pipecat_video": _pipecat_video,
     "base": lambda rec: None,
@@ -333,7 +339,7 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
             )
             try:
                 page = ctx.pages[0] if ctx.pages else await ctx.new_page()
-                await page.goto(f"{url}/?autostart=1")
+                await page.goto(f"{url}/?autostart=1{rec.page_query}")
                 await page.wait_for_function(
                     "window.ts && window.ts.state === 'connected' && ts.faceBox", timeout=60_000
                 )
