@@ -663,9 +663,9 @@ def prompt_live_video() -> bool:
     each image with its audio block), that holds every image by wherever the schedule's phase
     happens to fall (it moves when pipecat resets it) while the audio goes on: the mouth
     leaves later than the voice it belongs to, by an amount that differs per connection
-    (measured with ``benchmarks/experiments/pipecat_stages.py``: 5-83 ms in 8 connections;
-    2-5 ms with this). With this, this service's images are drawn as they come (it paces them), and
-    other live images by a schedule without the extra period: one that keeps to the frame
+    (measured with ``benchmarks/experiments/pipecat_stages.py``: 4-83 ms in 14
+    connections; 2-8 ms with this). With this, this service's images are drawn as they come
+    (it paces them), and other live images by a schedule without the extra period: one that keeps to the frame
     rate, or is late, is drawn at once; one early by more than half a period waits for its
     slot, so a producer faster than the frame rate is still slowed to it.
 
