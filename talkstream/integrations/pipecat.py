@@ -665,9 +665,9 @@ def prompt_live_video() -> bool:
     leaves later than the voice it belongs to, by an amount that differs per connection
     (measured with ``benchmarks/experiments/pipecat_stages.py``: 4-83 ms in 14
     connections; 2-8 ms with this). With this, this service's images are drawn as they come
-    (it paces them), and other live images by a schedule without the extra period: one that keeps to the frame
-    rate, or is late, is drawn at once; one early by more than half a period waits for its
-    slot, so a producer faster than the frame rate is still slowed to it.
+    (it paces them), and other live images by a schedule without the extra period: one that
+    keeps to the frame rate, or is late, is drawn at once; one early by more than half a
+    period waits for its slot, so a producer faster than the frame rate is still slowed to it.
 
     Changes pipecat's class, for every output transport of the process; idempotent. Returns
     False, changing nothing, when the installed pipecat does not look as expected.
