@@ -545,6 +545,21 @@ class TalkstreamVideoService(FrameProcessor):
 # ----------------------------------------------------------------------------- SmallWebRTC
 
 
+def _patch_pipecat(owner: Any, name: str, make: Any, what: str, usable: bool = True) -> bool:
+    """Replace ``owner.name`` with ``make(original)``, once (a marked replacement is kept).
+    False, changing nothing and saying so, when pipecat no longer has it (or not ``usable``)."""
+    original = getattr(owner, name, None)
+    if original is not None and getattr(original, "_talkstream_patch", False):
+        return True
+    if original is None or not usable:
+        log.warning("pipecat's %s has changed: it is left as it is", what)
+        return False
+    patched = make(original)
+    patched._talkstream_patch = True
+    setattr(owner, name, patched)
+    return True
+
+
 def steady_smallwebrtc_audio() -> bool:
     """Let pipecat's SmallWebRTC audio track take the next block while the current one plays.
 
@@ -566,17 +581,20 @@ def steady_smallwebrtc_audio() -> bool:
         from pipecat.transports.smallwebrtc.transport import RawAudioTrack
     except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
         return False
-    original = RawAudioTrack.add_audio_bytes
-    if getattr(original, "_talkstream_steady", False):
-        return True
     probe = RawAudioTrack(48_000)
-    if not (
-        isinstance(getattr(probe, "_chunk_queue", None), deque)
-        and isinstance(getattr(probe, "_bytes_per_10ms", None), int)
-    ):
-        log.warning("pipecat's RawAudioTrack has changed: its audio handoff is left as it is")
-        return False
+    usable = isinstance(getattr(probe, "_chunk_queue", None), deque) and isinstance(
+        getattr(probe, "_bytes_per_10ms", None), int
+    )
+    return _patch_pipecat(
+        RawAudioTrack,
+        "add_audio_bytes",
+        _early_write_report,
+        "RawAudioTrack (audio handoff)",
+        usable,
+    )
 
+
+def _early_write_report(original: Any) -> Any:
     def add_audio_bytes(self: Any, audio_bytes: bytes) -> Any:
         future = original(self, audio_bytes)
         queue = self._chunk_queue
@@ -587,9 +605,7 @@ def steady_smallwebrtc_audio() -> bool:
             queue[-n] = (queue[-n][0], future)
         return future
 
-    add_audio_bytes._talkstream_steady = True  # type: ignore[attr-defined]
-    RawAudioTrack.add_audio_bytes = add_audio_bytes  # type: ignore[method-assign]
-    return True
+    return add_audio_bytes
 
 
 def drop_smallwebrtc_audio_on_interruption() -> bool:
@@ -611,31 +627,30 @@ def drop_smallwebrtc_audio_on_interruption() -> bool:
         from pipecat.transports.smallwebrtc.transport import SmallWebRTCOutputTransport
     except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
         return False
-    sender = getattr(BaseOutputTransport, "MediaSender", None)
-    original = getattr(sender, "handle_interruptions", None)
-    if original is None:
-        log.warning("pipecat's output transport has changed: interruptions are left as they are")
-        return False
-    if getattr(original, "_talkstream_drop", False):
-        return True
 
-    async def handle_interruptions(self: Any, frame: Any) -> None:
-        await original(self, frame)
-        transport = getattr(self, "_transport", None)
-        if not isinstance(transport, SmallWebRTCOutputTransport):
-            return
-        track = getattr(getattr(transport, "_client", None), "_audio_output_track", None)
-        queue = getattr(track, "_chunk_queue", None)
-        if not isinstance(queue, deque):
-            return
-        while queue:
-            _chunk, future = queue.popleft()
-            if future is not None and not future.done():
-                future.set_result(True)
+    def make(original: Any) -> Any:
+        async def handle_interruptions(self: Any, frame: Any) -> None:
+            await original(self, frame)
+            transport = getattr(self, "_transport", None)
+            if not isinstance(transport, SmallWebRTCOutputTransport):
+                return
+            track = getattr(getattr(transport, "_client", None), "_audio_output_track", None)
+            queue = getattr(track, "_chunk_queue", None)
+            if not isinstance(queue, deque):
+                return
+            while queue:
+                _chunk, future = queue.popleft()
+                if future is not None and not future.done():
+                    future.set_result(True)
 
-    handle_interruptions._talkstream_drop = True  # type: ignore[attr-defined]
-    sender.handle_interruptions = handle_interruptions  # type: ignore[union-attr]
-    return True
+        return handle_interruptions
+
+    return _patch_pipecat(
+        getattr(BaseOutputTransport, "MediaSender", None),
+        "handle_interruptions",
+        make,
+        "output transport (interruptions)",
+    )
 
 
 def tune_smallwebrtc() -> bool:
@@ -677,43 +692,40 @@ def prompt_live_video() -> bool:
     except ImportError:  # pragma: no cover - pipecat is a dependency of this module
         return False
     sender = getattr(BaseOutputTransport, "MediaSender", None)
-    original = getattr(sender, "_video_is_live_handler", None)
-    if original is None or not hasattr(sender, "_draw_image"):
-        log.warning(
-            "pipecat's output transport has changed: its live video pacing is left as it is"
-        )
-        return False
-    if getattr(original, "_talkstream_prompt", False):
-        return True
+    return _patch_pipecat(
+        sender,
+        "_video_is_live_handler",
+        lambda _original: _prompt_video_is_live_handler,
+        "output transport (live video pacing)",
+        hasattr(sender, "_draw_image"),
+    )
 
-    async def _video_is_live_handler(self: Any) -> None:
-        image = await self._video_queue.get()
-        if META_KEY in (getattr(image, "metadata", None) or {}):
-            # TalkstreamVideoService paces its images itself, each beside its audio block.
-            await self._draw_image(image)
-            self._video_queue.task_done()
-            return
-        # Other producers: image k's slot is k periods after the first image's arrival
-        # (pipecat's: k + 1). An image that is late, on time or early by less than half a
-        # period goes at once, so a producer that keeps the frame rate is never held and one
-        # that fell behind catches up; an image early by more waits for its slot (a faster
-        # producer is slowed to the rate). Far off the schedule either way (a pause), the
-        # schedule starts again from this image.
-        period = 1.0 / self._params.video_out_framerate
-        now = time.monotonic()
-        k, start = getattr(self, "_talkstream_slots", (0, None))
-        if start is None or abs(start + k * period - now) > LIVE_VIDEO_RESET * period:
-            start = now - k * period
-        slot = start + k * period
-        if slot - now > period / 2:
-            await asyncio.sleep(slot - now)
-        self._talkstream_slots = (k + 1, start)
+
+async def _prompt_video_is_live_handler(self: Any) -> None:
+    """pipecat's ``MediaSender._video_is_live_handler`` as :func:`prompt_live_video` makes it."""
+    image = await self._video_queue.get()
+    if META_KEY in (getattr(image, "metadata", None) or {}):
+        # TalkstreamVideoService paces its images itself, each beside its audio block.
         await self._draw_image(image)
         self._video_queue.task_done()
-
-    _video_is_live_handler._talkstream_prompt = True  # type: ignore[attr-defined]
-    sender._video_is_live_handler = _video_is_live_handler  # type: ignore[union-attr]
-    return True
+        return
+    # Other producers: image k's slot is k periods after the first image's arrival
+    # (pipecat's: k + 1). An image that is late, on time or early by less than half a
+    # period goes at once, so a producer that keeps the frame rate is never held and one
+    # that fell behind catches up; an image early by more waits for its slot (a faster
+    # producer is slowed to the rate). Far off the schedule either way (a pause), the
+    # schedule starts again from this image.
+    period = 1.0 / self._params.video_out_framerate
+    now = time.monotonic()
+    k, start = getattr(self, "_talkstream_slots", (0, None))
+    if start is None or abs(start + k * period - now) > LIVE_VIDEO_RESET * period:
+        start = now - k * period
+    slot = start + k * period
+    if slot - now > period / 2:
+        await asyncio.sleep(slot - now)
+    self._talkstream_slots = (k + 1, start)
+    await self._draw_image(image)
+    self._video_queue.task_done()
 
 
 # ----------------------------------------------------------------------------- local TTS
