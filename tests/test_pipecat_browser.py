@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import shutil
+import subprocess
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,11 @@ SCRIPT = [
     "Hello there, how are you doing today?",
     "I am a talking face, and my lips move with my voice.",
 ]
+INTERRUPTED = (  # ~13 s: far more voice than the browser's audio path can hold
+    "This is a long answer that will not be finished, because you will cut me off halfway"
+    " through it, like people do when a voice assistant talks for far too long about the"
+    " weather, the traffic and the news of the day."
+)
 CAPTURE_S = 7.0
 FPS_WINDOW_S = 4.0
 SPEECH_RMS = 0.02
@@ -70,6 +78,29 @@ def mouth_openings(faces: list[list[Any]], face_box: list[int]) -> tuple[np.ndar
             times.append(t)
             opening.append(float(inner_lip_opening(best.landmarks)))
     return np.asarray(times), np.asarray(opening)
+
+
+def voiced_seconds(voice: np.ndarray) -> float:
+    """Seconds of ``(time ms, rms)`` samples louder than SPEECH_RMS (gaps capped at 50 ms)."""
+    if len(voice) < 2:
+        return 0.0
+    dt = np.minimum(np.diff(voice[:, 0]), 50.0)
+    return float(dt[voice[:-1, 1] > SPEECH_RMS].sum() / 1000)
+
+
+def sentence_voiced_after(text: str, start_s: float, wpm: int) -> float:
+    """Seconds louder than SPEECH_RMS after ``start_s`` in espeak-ng's reading of ``text`` at
+    ``wpm``, measured like the page's probe (RMS of 5.3 ms every 5 ms)."""
+    wav = subprocess.run(
+        ["espeak-ng", "-v", "en", "-s", str(wpm), "--stdout", text], capture_output=True, check=True
+    ).stdout
+    with wave.open(io.BytesIO(wav)) as w:
+        rate = w.getframerate()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16) / 32768
+    window, hop = round(rate * 256 / 48000), round(rate * 0.005)
+    starts = np.arange(round(start_s * rate), len(pcm) - window, hop)
+    rms = np.array([np.sqrt(np.mean(pcm[i : i + window] ** 2)) for i in starts])
+    return float((rms > SPEECH_RMS).sum() * 0.005)
 
 
 def envelope_at(voice: np.ndarray, times: np.ndarray, shift_ms: float) -> np.ndarray:
@@ -106,14 +137,14 @@ async def test_agent_in_browser_lips_follow_voice(
                 args=CHROMIUM_FLAGS,
             )
             try:
-                await check_session(browser, url)
+                await check_session(browser, url, agent)
             finally:
                 await browser.close()
     finally:
         await agent.close()
 
 
-async def check_session(browser: Any, url: str) -> None:
+async def check_session(browser: Any, url: str, agent: Any) -> None:
     page = browser.pages[0] if browser.pages else await browser.new_page()
     await page.goto(f"{url}/?autostart=1")
     await page.wait_for_function("window.ts && window.ts.state === 'connected'", timeout=30_000)
@@ -163,10 +194,9 @@ async def check_session(browser: Any, url: str) -> None:
     )
     t_say = await page.evaluate("performance.now()")
     status = await page.evaluate(
-        "async (id) => (await fetch('/say', {method: 'POST', body: JSON.stringify({pc_id: id,"
-        " text: 'This is a long sentence that will not be finished, because you will cut"
-        " me off halfway through it, like people do.'})})).status",
-        got["pcId"],
+        "async ([id, text]) => (await fetch('/say', {method: 'POST',"
+        " body: JSON.stringify({pc_id: id, text})})).status",
+        [got["pcId"], INTERRUPTED],
     )
     assert status == 200
     # Chromium's audio path is 0.2 s long on an idle box, but headless Chromium starved of CPU
@@ -183,16 +213,29 @@ async def check_session(browser: Any, url: str) -> None:
         " body: JSON.stringify({pc_id: id})}); return t; }",
         got["pcId"],
     )
-    await asyncio.sleep(delay_ms / 1000 + 1.8)
+    # Wait until the voice has been quiet for a second (an uninterrupted sentence would go on
+    # for ~12 s more, with pauses well under a second).
+    await page.wait_for_function(
+        f"(() => {{ const v = ts.voice, end = v.length ? v[v.length - 1][0] : 0;"
+        f" return end > {t_int} + 1000 &&"
+        f" v.filter(([t]) => t > end - 1000).every(([t, x]) => x < {QUIET_RMS}); }})()",
+        timeout=30_000,
+    )
     after = await page.evaluate("({presented: ts.presented, voice: ts.voice})")
     voice = np.asarray(after["voice"])
     was = voice[(voice[:, 0] > heard) & (voice[:, 0] < t_int)]
     assert was.size and was[:, 1].max() > SPEECH_RMS, "it was not speaking when interrupted"
-    # The service stops the voice within 40 ms (tests/test_integration_pipecat.py); here: quiet
-    # from 0.5 s after the interruption would be heard on, where the sentence had seconds left.
-    lo = t_int + delay_ms + 500
-    late = voice[(voice[:, 0] > lo) & (voice[:, 0] < lo + 1000)]
-    assert late.size and late[:, 1].max() < SPEECH_RMS, (late[:, 1].max(), delay_ms)
+    # The service: no speech leaves it once the barge-in has reached it (its 80 ms bound is
+    # timed in tests/test_integration_pipecat.py and benchmarks/pipecat_latency.py).
+    video = agent.connections[got["pcId"]].video
+    assert video.last_interrupt_at is not None, "the interruption never reached the service"
+    assert video.last_speech_emitted_at - video.last_interrupt_at < 0.2, "speech went on"
+    # The browser: judged by how much voice it plays after the barge-in, not when. Headless
+    # Chromium starved of CPU (this page's face capture on a loaded box) plays, and its level
+    # probe reads, the audio already sent up to seconds late; what was cut never comes.
+    heard_s = voiced_seconds(voice[voice[:, 0] > t_int])
+    rest_s = sentence_voiced_after(INTERRUPTED, (t_int - heard) / 1000, agent.cfg.words_per_minute)
+    assert heard_s < 0.4 * rest_s, (heard_s, rest_s, delay_ms)
     frames = np.asarray(after["presented"])
     frames = frames[frames > t_int]
     assert len(frames) >= 25, len(frames)
