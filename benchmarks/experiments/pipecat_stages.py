@@ -19,6 +19,16 @@ index* (the RMS of the 40 ms block the service emitted with that image), so stag
 stage 1 isolates what the video path loses, independent of audio playout; the usual measure
 (against the voice the page heard, best shift) is reported beside it. ``--variant`` picks a
 change to test (see VARIANTS); run variants interleaved with ``base``.
+
+``browser.playout``: the voice as Chromium plays it, not as the page's Web Audio probe hears
+it. The page polls the audio receiver's ``getSynchronizationSources()`` every 5 ms (WebRTC
+records the RTP timestamp of each audio frame it hands out for playout, and when); aiortc's
+RTP timestamp origin is set to 0 in this process, so that timestamp is the audio track's pts,
+and the recorder knows which pts each speech block went out at. Hence, per presented frame,
+the A/V offset (the audio being played at its display time minus its own audio block), and
+the mouth's r against the played voice beside r against each frame's own voice (a perfect
+A/V path), over the whole run and from 6 s on. ``STAGES_LIGHT=1`` drops the page's face
+crops (no r): the offsets and jitter buffers with less load on the browser.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from talkstream.benchmarking.stamp import STAMP_BITS, STAMP_CELL, stamp
 # Pixels of the stamp, read in the page at every presented frame.
 PROBE_JS = """
 (args) => {
-  const [bits, cell, box] = args;
+  const [bits, cell, box, light] = args;
   const v = document.getElementById("video");
   const c = document.createElement("canvas");
   const g = c.getContext("2d", { willReadFrequently: true });
@@ -65,6 +75,12 @@ PROBE_JS = """
     for (let b = 0; b < bits; b++) {
       const i = 4 * ((cell >> 1) * bits * cell + b * cell + (cell >> 1));
       if (px[i] > 128) idx |= 1 << b;
+    }
+    if (light) {  // the stamp only: no face crops (a lighter load on the browser)
+      window.__st.push([md.expectedDisplayTime || now, md.rtpTimestamp ?? null,
+                        md.presentedFrames, idx, ""]);
+      v.requestVideoFrameCallback(step);
+      return;
     }
     const w = box[2] - box[0], h = box[3] - box[1];
     c.width = w; c.height = h;
@@ -83,6 +99,23 @@ PROBE_JS = """
     v.requestVideoFrameCallback(step);
   };
   v.requestVideoFrameCallback(step);
+  // What Chromium's audio receiver delivers for playout, and when: the RTP timestamp of the
+  // newest audio frame handed to the track (getSynchronizationSources: WebRTC's SourceTracker
+  // records it at playout, not at arrival). Every 5 ms, when it changes. This is the path
+  // the <video> element plays, without the page's Web Audio level probe in between.
+  window.__play = [];
+  const aRecv = pc.getReceivers().find((r) => r.track && r.track.kind === "audio");
+  let lastRtp = null;
+  const playPoll = setInterval(() => {
+    if (!window.__stOn) { clearInterval(playPoll); return; }
+    for (const s of aRecv.getSynchronizationSources()) {
+      if (s.rtpTimestamp !== lastRtp) {
+        lastRtp = s.rtpTimestamp;
+        window.__play.push([performance.now(), s.timestamp - performance.timeOrigin,
+                            s.rtpTimestamp]);
+      }
+    }
+  }, 5);
   // Chromium's receive side, once a second: jitter buffer delays of the audio and the video.
   window.__stats = [];
   const poll = async () => {
@@ -106,6 +139,9 @@ PROBE_JS = """
   poll();
 }
 """
+# STAGES_LIGHT=1: no face crops in the page (no lip-sync r): the A/V offsets and jitter
+# buffers with less load on the browser, to see what the measurement itself costs.
+LIGHT = bool(os.environ.get("STAGES_LIGHT"))
 TAKE_JS = "() => { const out = window.__st; window.__st = []; return out; }"
 
 
@@ -129,11 +165,13 @@ class Recorder:
         self.loop_lag_t: list[float] = []
         self.draws: list[tuple[float, float, int]] = []  # pipecat video draws: t, s, queue
         self.page_js: str | None = None  # run in the page once connected, by a variant
+        self.page_js_arg: Any = None  # its argument
         self.page_query = ""  # added to the page's URL, by a variant
         self.audio_loud: list[bool] = []
         self.audio_added: dict[str, tuple[float, int]] = {}  # block hash -> (t, first pts)
         self.audio_emitted: list[tuple[float, str]] = []  # speech blocks: (t, hash)
         self.audio_sent: list[tuple[float, int]] = []  # RawAudioTrack.recv: (t, pts)
+        self.audio_hash: dict[int, str] = {}  # index -> its speech block's hash
 
 
 def install(rec: Recorder, variant: str) -> None:
@@ -184,6 +222,16 @@ def install(rec: Recorder, variant: str) -> None:
         return orig_addb(self, audio_bytes)
 
     acls.__init__, acls.recv, acls.add_audio_bytes = ainit, arecv, addb
+    # aiortc draws each sender's RTP timestamp origin at random: 0 here, so that the RTP
+    # timestamp the browser reports is the track's own pts (SSRCs stay random).
+    import aiortc.rtcrtpsender as rs
+
+    draw = rs.random32
+
+    def origin_zero() -> int:
+        return 0 if sys._getframe(1).f_code.co_name == "_run_rtp" else draw()
+
+    rs.random32 = origin_zero
     VARIANTS[variant](rec)
 
 
@@ -253,7 +301,29 @@ def _jb_late(rec: Recorder) -> None:
     rec.page_js = "pc.getReceivers().forEach((r) => { r.jitterBufferTarget = 60; })"
 
 
+JB_VIDEO_JS = """
+(ms) => pc.getReceivers().forEach((r) => {
+  if (r.track && r.track.kind === "video") r.jitterBufferTarget = ms;
+})
+"""
+
+
+def _jb_video(rec: Recorder) -> None:
+    """Once connected, the page asks for a 50 ms jitter buffer on the video only: about
+    what Chromium's audio jitter buffer holds, so its A/V sync has nothing to catch up."""
+    rec.page_js = JB_VIDEO_JS.strip() + "\n"
+    rec.page_js_arg = 50
+
+
+def _media_pts_jb_video(rec: Recorder) -> None:
+    """Both media_pts and jb_video."""
+    _media_pts(rec)
+    _jb_video(rec)
+
+
 VARIANTS = {
+    "jb_video": _jb_video,
+    "media_pts_jb_video": _media_pts_jb_video,
     "jb_target": _jb_target,
     "jb_late": _jb_late,
     "pipecat_audio": _pipecat_audio,
@@ -287,9 +357,9 @@ def make_agent(example: Any, rec: Recorder, options: dict[str, Any]) -> Any:
             elif meta is not None and isinstance(frame, TTSAudioRawFrame):
                 pcm = np.frombuffer(frame.audio, np.int16).astype(np.float64) / 32768
                 rec.audio[meta["index"]] = (now, float(np.sqrt(np.mean(pcm**2))))
-                rec.audio_emitted.append(
-                    (now, hashlib.blake2b(frame.audio, digest_size=8).hexdigest())
-                )
+                key = hashlib.blake2b(frame.audio, digest_size=8).hexdigest()
+                rec.audio_emitted.append((now, key))
+                rec.audio_hash[meta["index"]] = key
             await super().push_frame(frame, direction)
 
     class StageAgent(example.Agent):  # type: ignore[misc,name-defined]
@@ -344,8 +414,8 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
                     "window.ts && window.ts.state === 'connected' && ts.faceBox", timeout=60_000
                 )
                 if rec.page_js:
-                    await page.evaluate(rec.page_js)
-                await page.evaluate(PROBE_JS, [STAMP_BITS, STAMP_CELL, rec.box])
+                    await page.evaluate(rec.page_js, rec.page_js_arg)
+                await page.evaluate(PROBE_JS, [STAMP_BITS, STAMP_CELL, rec.box, LIGHT])
                 frames: list[Any] = []
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
@@ -357,6 +427,7 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
                     "frames": frames,
                     "voice": await page.evaluate("ts.voice"),
                     "stats": await page.evaluate("window.__stats"),
+                    "play": await page.evaluate("window.__play"),
                     # performance.now() + timeOrigin = time.time(): map to monotonic.
                     "origin_ms": await page.evaluate("performance.timeOrigin")
                     + 1000 * (time.monotonic() - time.time()),
@@ -400,9 +471,16 @@ class StallWatch:
             if time.monotonic() - self._last > 0.04:
                 frame = sys._current_frames().get(self._tid)
                 if frame is not None:
-                    stack = self._tb.extract_stack(frame)[-6:]
+                    # The innermost frames, and the innermost of this project's or pipecat's
+                    # (what started a lazy import, say).
+                    full = self._tb.extract_stack(frame)
+                    ours = [
+                        f for f in full if "talkstream" in f.filename or "pipecat/" in f.filename
+                    ]
+                    stack = [*full[-4:], "...", *ours[-3:]]
                     key = " <- ".join(
-                        f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(stack)
+                        f if isinstance(f, str) else f"{Path(f.filename).name}:{f.lineno}:{f.name}"
+                        for f in reversed(stack)
                     )
                     self.samples[key] = self.samples.get(key, 0) + 1
 
@@ -459,6 +537,200 @@ def underruns(loud: list[bool], span: int = 3) -> int:
 SERIES: dict[str, np.ndarray] = {}
 
 
+def playout(
+    rec: Recorder, got: dict[str, Any], grid: np.ndarray, opening: np.ndarray, voice: np.ndarray
+) -> dict[str, Any]:
+    """Lips and voice as Chromium plays them, from its audio receiver's playout records.
+
+    For each time on ``grid`` (page clock, s): the audio pts being played then (the newest
+    RTP timestamp delivered for playout, advanced at 48 kHz since), hence the service's own
+    speech envelope at that pts: the voice the element plays, without the Web Audio probe.
+    Reports the mouth's r against it (best single shift), the A/V offset of each presented
+    frame's own audio block, and where the Web Audio probe's voice sits against it."""
+    pm = playout_map(got)
+    if pm is None:
+        return {}
+    starts, rms = [], []
+    for i, key in rec.audio_hash.items():
+        if key in rec.audio_added:
+            starts.append(rec.audio_added[key][1])
+            rms.append(rec.audio[i][1])
+    if len(starts) < 50:
+        return {}
+    o = np.argsort(starts)
+    st, rm = np.asarray(starts, np.float64)[o], np.asarray(rms)[o]
+
+    def pts_at(t: np.ndarray) -> np.ndarray:
+        return pts_playing(pm, t)
+
+    def env_at(p: np.ndarray) -> np.ndarray:
+        j = np.searchsorted(st, p, side="right") - 1
+        out = np.zeros(p.shape)
+        inside = (j >= 0) & (p - st[np.clip(j, 0, None)] < 1920)
+        out[inside] = rm[j[inside]]
+        out[np.isnan(p)] = np.nan
+        return out
+
+    def best_r(env_of: Any, part: np.ndarray) -> tuple[float, int] | None:
+        out = None
+        for shift_ms in range(-200, 601, 20):
+            e = env_of(grid + shift_ms / 1000)
+            ok = np.isfinite(e) & np.isfinite(opening) & part
+            r = pearson(opening[ok], e[ok])
+            if r is not None and (out is None or r > out[0]):
+                out = (round(r, 3), shift_ms)
+        return out
+
+    # The voice each presented frame was emitted with, at that frame's display time: what a
+    # perfect A/V path would play (the same shift search).
+    b_t0, b_i0 = SERIES["b_t"], SERIES["b_idx"]
+    own_pts = np.array(
+        [
+            rec.audio_added[rec.audio_hash[int(i)]][1]
+            if int(i) in rec.audio_hash and rec.audio_hash[int(i)] in rec.audio_added
+            else -1e12
+            for i in b_i0
+        ]
+    )
+
+    def own_env(t: np.ndarray) -> np.ndarray:
+        k = np.clip(np.searchsorted(b_t0, t, side="right") - 1, 0, len(b_t0) - 1)
+        return env_at(own_pts[k] + (t - b_t0[k]) * 48000)
+
+    everything = np.ones(len(grid), bool)
+    later = grid >= grid[0] + 6.0
+    best = best_r(lambda t: env_at(pts_at(t)), everything)
+    r_parts = {
+        "played_all": best,
+        "own_all": best_r(own_env, everything),
+        "played_after_6s": best_r(lambda t: env_at(pts_at(t)), later),
+        "own_after_6s": best_r(own_env, later),
+    }
+    # The Web Audio probe's voice, same shifts and grid: the like-for-like comparison.
+    best_probe = None
+    for shift_ms in range(-200, 601, 20):
+        v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], grid[0], len(grid))
+        ok = np.isfinite(v) & np.isfinite(opening)
+        r = pearson(opening[ok], v[ok])
+        if r is not None and (best_probe is None or r > best_probe[0]):
+            best_probe = (round(r, 3), shift_ms)
+    # The Web Audio probe against the playout: best shift of the probe's voice vs the
+    # played envelope, per 4 s window (> 0: the probe hears it later).
+    probe = []
+    e_grid = env_at(pts_at(grid))
+    for w0 in range(0, len(grid) - 100, 100):
+        seg = slice(w0, w0 + 100)
+        bw = None
+        for shift_ms in range(-100, 301, 10):
+            v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], grid[w0], 100)
+            r = pearson(e_grid[seg], v)
+            if r is not None and (bw is None or r > bw[0]):
+                bw = (r, shift_ms)
+        if bw is not None and bw[0] > 0.5:
+            probe.append(bw[1])
+    return {
+        "dlib_vs_voice_played": {"r": best[0], "voice_after_mouth_ms": best[1]} if best else None,
+        "dlib_vs_voice_probe_same_search": best_probe,
+        "r_played_vs_own_voice": r_parts,
+        "probe_after_playout_ms_per_4s_window": probe,
+        "playout_records": len(pm[0]),
+        **av_offsets(rec, got, SERIES["b_t"], SERIES["b_idx"]),
+    }
+
+
+def playout_map(got: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(delivery time s, RTP timestamp) of the audio Chromium handed out for playout."""
+    play = np.asarray(got.get("play") or [], dtype=np.float64).reshape(-1, 3)
+    if len(play) < 100:
+        return None
+    t_del, rtp = play[:, 1] / 1000, play[:, 2]
+    order = np.argsort(t_del, kind="stable")
+    return t_del[order], rtp[order]
+
+
+def pts_playing(pm: tuple[np.ndarray, np.ndarray], t: np.ndarray) -> np.ndarray:
+    """The audio pts being played at page time ``t`` (s): the newest RTP timestamp delivered,
+    advanced at 48 kHz since (NaN over 100 ms from a delivery)."""
+    t_del, rtp = pm
+    k = np.searchsorted(t_del, t, side="right") - 1
+    out = np.full(t.shape, np.nan)
+    ok = (k >= 0) & (t - t_del[np.clip(k, 0, None)] < 0.1)
+    out[ok] = rtp[k[ok]] + (t[ok] - t_del[k[ok]]) * 48000
+    return out
+
+
+def av_offsets(
+    rec: Recorder, got: dict[str, Any], b_t: np.ndarray, b_idx: np.ndarray
+) -> dict[str, Any]:
+    """Per presented frame whose index carried speech: the audio pts Chromium was playing at
+    its display time minus that frame's own audio block's pts (ms; > 0: voice ahead)."""
+    pm = playout_map(got)
+    if pm is None:
+        return {}
+    own = np.array(
+        [
+            rec.audio_added[rec.audio_hash[int(i)]][1]
+            if int(i) in rec.audio_hash and rec.audio_hash[int(i)] in rec.audio_added
+            else np.nan
+            for i in b_idx
+        ]
+    )
+    off = (pts_playing(pm, b_t) - own) / 48
+    ok = np.isfinite(off)
+    t_rel = b_t[ok] - b_t[0]
+    windows = [
+        round(float(np.median(off[ok][(t_rel >= w) & (t_rel < w + 4)])))
+        for w in range(0, int(t_rel[-1]) - 3, 4)
+        if ((t_rel >= w) & (t_rel < w + 4)).sum() > 10
+    ]
+    SERIES.update(frame_av_offset_ms=off)
+    return {
+        "frame_av_offset_ms_median_p5_p95": [
+            round(float(np.median(off[ok]))),
+            round(float(np.percentile(off[ok], 5))),
+            round(float(np.percentile(off[ok], 95))),
+        ],
+        "frame_av_offset_ms_per_4s_window": windows,
+    }
+
+
+def analyse_light(rec: Recorder, got: dict[str, Any]) -> dict[str, Any]:
+    """STAGES_LIGHT runs: presented frames, A/V offsets at playout, jitter buffers."""
+    fr = got["frames"]
+    lo = min(rec.images)
+    b_idx = np.array([f[3] for f in fr]) + (lo // 4096) * 4096
+    b_t = np.array([f[0] for f in fr], dtype=np.float64) / 1000
+    return {
+        "browser": {
+            "presented": len(fr),
+            "fps": round((len(fr) - 1) / (b_t[-1] - b_t[0]), 2),
+            "playout": av_offsets(rec, got, b_t, b_idx),
+            "jitter_buffer_ms_delay_first_last_target_first_last": jitter_buffers(got),
+        }
+    }
+
+
+def jitter_buffers(got: dict[str, Any]) -> dict[str, list[float | None]]:
+    """Chromium's jitter buffers: mean delay per emitted frame/sample, first and last 4 s."""
+    jb: dict[str, list[float | None]] = {}
+    st = got.get("stats") or []
+    for kind in ("audio", "video"):
+        rows = [r[kind] for r in st if kind in r and r[kind].get("n")]
+
+        def per(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+            dn = b["n"] - a["n"]
+            return round(1000 * (b[key] - a[key]) / dn, 1) if dn > 0 and key in b else None
+
+        if len(rows) >= 6:
+            jb[kind] = [
+                per(rows[1], rows[5], "jbd"),
+                per(rows[-5], rows[-1], "jbd"),
+                per(rows[1], rows[5], "target"),
+                per(rows[-5], rows[-1], "target"),
+            ]
+    return jb
+
+
 def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
     x0, y0, x1, y1 = rec.box
     h, w = y1 - y0, x1 - x0
@@ -513,6 +785,7 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
     n = int((b_t[-1] - b_t[0]) * 25)
     grid = b_t[0] + np.arange(n) / 25
     heard = bl.voice_r(b_t[0], n, resample_series(b_t, b_open_arr, grid), voice)
+    played = playout(rec, got, grid, resample_series(b_t, b_open_arr, grid), voice)
     # Restrict the by-index comparison to the browser's window.
     win = (np.arange(lo, hi + 1) >= b_idx.min()) & (np.arange(lo, hi + 1) <= b_idx.max())
 
@@ -554,23 +827,8 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
     lat_first = float(np.median(path_ms[(t_ok > 2) & (t_ok < 5)]))
     lat_last = float(np.median(path_ms[t_ok > t_ok[-1] - 3]))
 
-    # Chromium's jitter buffers: mean delay per emitted frame/sample, first and last 4 s.
-    jb: dict[str, list[float | None]] = {}
+    jb = jitter_buffers(got)
     st = got.get("stats") or []
-    for kind in ("audio", "video"):
-        rows = [r[kind] for r in st if kind in r and r[kind].get("n")]
-
-        def per(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
-            dn = b["n"] - a["n"]
-            return round(1000 * (b[key] - a[key]) / dn, 1) if dn > 0 and key in b else None
-
-        if len(rows) >= 6:
-            jb[kind] = [
-                per(rows[1], rows[5], "jbd"),
-                per(rows[-5], rows[-1], "jbd"),
-                per(rows[1], rows[5], "target"),
-                per(rows[-5], rows[-1], "target"),
-            ]
 
     # NetEq: samples concealed, inserted (slowed) and removed (sped up), per second received.
     neteq: dict[str, float] = {}
@@ -642,6 +900,7 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
             "dlib_vs_env_by_index_held": lr(held[win], env[win]),
             "dlib_browser_vs_service_same_index_r": pearson(svc_open[both], by_index[both]),
             "dlib_vs_voice_heard": {"r": heard[0], "voice_after_mouth_ms": heard[1]},
+            "playout": played,
             "av_offset_ms_per_4s_window": offsets,
             "emitted_vs_heard_voice_r_per_4s_window": window_r,
             "emitted_vs_heard_voice_whole_run": whole,
@@ -684,7 +943,7 @@ def main() -> int:
         a.out.with_suffix(".stats.json").write_text(
             json.dumps({"stats": got.get("stats"), "origin_ms": got.get("origin_ms")})
         )
-    res = analyse(rec, got, MouthMeter())
+    res = analyse_light(rec, got) if LIGHT else analyse(rec, got, MouthMeter())
     if a.out:
         crops = SERIES.pop("crops", None)
         if crops:
