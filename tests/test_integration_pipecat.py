@@ -238,6 +238,30 @@ async def test_steady_smallwebrtc_audio_takes_the_next_block_while_one_plays() -
     assert [f.pts for f in [first, *rest]] == [480 * k for k in range(8)]
 
 
+async def test_skip_late_silence_skips_the_silence_a_late_sender_missed_not_speech() -> None:
+    pytest.importorskip("aiortc", reason="pipecat's webrtc extra is not installed")
+    from pipecat.transports.smallwebrtc.transport import RawAudioTrack
+
+    from talkstream.integrations.pipecat import skip_late_silence
+
+    assert skip_late_silence() and skip_late_silence()  # idempotent
+    track = RawAudioTrack(48_000)
+    assert (await track.recv()).pts == 0
+    track._start -= 0.5  # aiortc's sender came back half a second late
+    # Nothing queued: the silence it is late for is not sent; the next chunk is stamped now
+    # (pipecat's own track would send 50 chunks of silence back to back, from pts 480 on).
+    now = await track.recv()
+    assert 24_000 <= now.pts < 48_000 and now.pts % 480 == 0, now.pts
+    assert not now.to_ndarray().any()
+    # Late again, with speech queued: the speech goes out whole, right after, at once.
+    track._start -= 0.5
+    block = np.arange(1920, dtype=np.int16)
+    track.add_audio_bytes(block.tobytes())
+    frames = [await track.recv() for _ in range(4)]
+    assert [f.pts for f in frames] == [now.pts + 480 * (k + 1) for k in range(4)]
+    assert np.array_equal(np.concatenate([f.to_ndarray()[0] for f in frames]), block)
+
+
 async def test_prompt_live_video_sends_paced_images_at_once_and_slows_a_burst() -> None:
     from pipecat.frames.frames import OutputImageRawFrame
     from pipecat.transports.base_output import BaseOutputTransport

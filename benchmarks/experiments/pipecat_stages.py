@@ -116,6 +116,26 @@ PROBE_JS = """
       }
     }
   }, 5);
+  // The first 4 s, every 20 ms: when audio packets arrive, when their playout starts, when
+  // video frames are decoded (what a connection's start looks like to the receiver).
+  window.__early = [];
+  const t0 = performance.now();
+  const early = async () => {
+    if (!window.__stOn || performance.now() - t0 > 4000) return;
+    const rep = await pc.getStats();
+    const row = [performance.now()];
+    rep.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "audio") {
+        row.push(s.packetsReceived, s.jitterBufferEmittedCount, s.jitterBufferDelay);
+      }
+    });
+    rep.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video") row.push(s.framesDecoded ?? 0);
+    });
+    window.__early.push(row);
+    setTimeout(early, 20);
+  };
+  early();
   // Chromium's receive side, once a second: jitter buffer delays of the audio and the video.
   window.__stats = [];
   const poll = async () => {
@@ -172,6 +192,9 @@ class Recorder:
         self.audio_emitted: list[tuple[float, str]] = []  # speech blocks: (t, hash)
         self.audio_sent: list[tuple[float, int]] = []  # RawAudioTrack.recv: (t, pts)
         self.audio_hash: dict[int, str] = {}  # index -> its speech block's hash
+        self.queue_speech: list[tuple[float, float]] = []  # service._queue_speech: (t, s)
+        self.yield_after_speech = False  # a variant: the service yields after each TTS chunk
+        self.rtp_sent: list[tuple[float, int]] = []  # (t, payload type) of each RTP packet
 
 
 def install(rec: Recorder, variant: str) -> None:
@@ -232,6 +255,17 @@ def install(rec: Recorder, variant: str) -> None:
         return 0 if sys._getframe(1).f_code.co_name == "_run_rtp" else draw()
 
     rs.random32 = origin_zero
+    # Every RTP packet aiortc sends (monotonic time, payload type): when the audio leaves.
+    import aiortc.rtcdtlstransport as dt
+
+    send_rtp = dt.RTCDtlsTransport._send_rtp
+
+    async def sent_rtp(self: Any, data: bytes) -> None:
+        if len(data) > 1 and not 192 <= data[1] <= 223:  # RTP, not RTCP
+            rec.rtp_sent.append((time.monotonic(), data[1] & 0x7F))
+        await send_rtp(self, data)
+
+    dt.RTCDtlsTransport._send_rtp = sent_rtp
     VARIANTS[variant](rec)
 
 
@@ -283,6 +317,13 @@ def _pipecat_audio(rec: Recorder) -> None:
     tp.steady_smallwebrtc_audio = lambda: False  # type: ignore[assignment]
 
 
+def _pipecat_silence(rec: Recorder) -> None:
+    """pipecat's own audio pacing: the example's skip_late_silence() made a no-op."""
+    import talkstream.integrations.pipecat as tp
+
+    tp.skip_late_silence = lambda: False  # type: ignore[assignment]
+
+
 def _pipecat_video(rec: Recorder) -> None:
     """pipecat's own live video pacing: the example's prompt_live_video() made a no-op."""
     import talkstream.integrations.pipecat as tp
@@ -315,6 +356,11 @@ def _jb_video(rec: Recorder) -> None:
     rec.page_js_arg = 50
 
 
+def _yield_speech(rec: Recorder) -> None:
+    """The service yields to the event loop after each TTS chunk it takes in."""
+    rec.yield_after_speech = True
+
+
 def _media_pts_jb_video(rec: Recorder) -> None:
     """Both media_pts and jb_video."""
     _media_pts(rec)
@@ -322,6 +368,8 @@ def _media_pts_jb_video(rec: Recorder) -> None:
 
 
 VARIANTS = {
+    "pipecat_silence": _pipecat_silence,
+    "yield_speech": _yield_speech,
     "jb_video": _jb_video,
     "media_pts_jb_video": _media_pts_jb_video,
     "jb_target": _jb_target,
@@ -361,6 +409,13 @@ def make_agent(example: Any, rec: Recorder, options: dict[str, Any]) -> Any:
                 rec.audio_emitted.append((now, key))
                 rec.audio_hash[meta["index"]] = key
             await super().push_frame(frame, direction)
+
+        async def _queue_speech(self, frame: Any) -> None:
+            t = time.perf_counter()
+            await super()._queue_speech(frame)
+            rec.queue_speech.append((time.monotonic(), time.perf_counter() - t))
+            if rec.yield_after_speech:
+                await asyncio.sleep(0)
 
     class StageAgent(example.Agent):  # type: ignore[misc,name-defined]
         def make_video_service(self) -> Any:
@@ -428,6 +483,8 @@ async def run(seconds: float, variant: str, tmp: Path) -> tuple[Recorder, dict[s
                     "voice": await page.evaluate("ts.voice"),
                     "stats": await page.evaluate("window.__stats"),
                     "play": await page.evaluate("window.__play"),
+                    "early": await page.evaluate("window.__early"),
+                    "first_presented_ms": await page.evaluate("ts.presented[0]"),
                     # performance.now() + timeOrigin = time.time(): map to monotonic.
                     "origin_ms": await page.evaluate("performance.timeOrigin")
                     + 1000 * (time.monotonic() - time.time()),
@@ -706,7 +763,67 @@ def analyse_light(rec: Recorder, got: dict[str, Any]) -> dict[str, Any]:
             "fps": round((len(fr) - 1) / (b_t[-1] - b_t[0]), 2),
             "playout": av_offsets(rec, got, b_t, b_idx),
             "jitter_buffer_ms_delay_first_last_target_first_last": jitter_buffers(got),
+            "first_presented_ms": got.get("first_presented_ms"),
+            "queue_speech": queue_speech_cost(rec),
+            "audio_burst_ms": audio_burst(got.get("early") or []),
+            "audio_burst_sent_ms": sent_burst(rec),
+            "first_played_ms": (got.get("play") or [[None, None]])[0][1],
+            # [page ms, audio packets, audio samples played, jitter delay s, video decoded]
+            "early": got.get("early"),
         }
+    }
+
+
+def audio_burst(early: list[list[float]]) -> float | None:
+    """The most audio (ms) that reached Chromium ahead of real time within 300 ms during the
+    first seconds: a sender stall followed by its catch-up (20 ms Opus packets)."""
+    rows = [r for r in early if len(r) >= 2 and r[1] is not None]
+    best = None
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            if b[0] - a[0] > 300:
+                break
+            excess = 20 * (b[1] - a[1]) - (b[0] - a[0])
+            best = excess if best is None else max(best, excess)
+    return None if best is None else round(best)
+
+
+def sent_burst(rec: Recorder) -> dict[str, Any] | None:
+    """The same as :func:`audio_burst` at the sender, over the first 4 s of audio packets
+    (the audio's payload type is the one whose packets are ~20 ms apart: Opus packets go out
+    one per 20 ms, a video frame's back to back), and when it happened."""
+    if len(rec.rtp_sent) < 100:
+        return None
+    a = np.array(rec.rtp_sent, dtype=np.float64)
+
+    def median_gap_ms(pt: float) -> float:
+        t = a[a[:, 1] == pt, 0]
+        return float(np.median(np.diff(t))) * 1000 if len(t) > 10 else 1e9
+
+    audio_pt = min(np.unique(a[:, 1]), key=lambda pt: abs(median_gap_ms(pt) - 20))
+    t = a[a[:, 1] == audio_pt, 0]
+    t = t[t < t[0] + 4] * 1000
+    best, at = None, None
+    for i in range(len(t)):
+        j = np.searchsorted(t, t[i] + 300, side="right") - 1
+        excess = 20 * (j - i) - (t[j] - t[i])
+        if best is None or excess > best:
+            best, at = excess, t[i] - t[0]
+    return {"burst_ms": round(float(best)), "at_ms_after_first": round(float(at))}
+
+
+def queue_speech_cost(rec: Recorder) -> dict[str, Any]:
+    """What taking in the TTS audio costs the event loop: calls, total and longest call (ms),
+    and the most time spent in it within any 200 ms."""
+    q = np.array(rec.queue_speech, dtype=np.float64).reshape(-1, 2)
+    if not len(q):
+        return {}
+    busiest = max(float(q[(q[:, 0] >= t) & (q[:, 0] < t + 0.2), 1].sum()) for t in q[:, 0])
+    return {
+        "calls": len(q),
+        "total_ms": round(1000 * float(q[:, 1].sum()), 1),
+        "max_ms": round(1000 * float(q[:, 1].max()), 1),
+        "busiest_200ms_ms": round(1000 * busiest, 1),
     }
 
 
@@ -939,6 +1056,7 @@ def main() -> int:
             loop_lag=np.array([rec.loop_lag_t, rec.loop_lag]),
             audio_sent=np.array(rec.audio_sent),
             draws=np.array(rec.draws),
+            rtp_sent=np.array(rec.rtp_sent),
         )
         a.out.with_suffix(".stats.json").write_text(
             json.dumps({"stats": got.get("stats"), "origin_ms": got.get("origin_ms")})

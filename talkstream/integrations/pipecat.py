@@ -608,6 +608,59 @@ def _early_write_report(original: Any) -> Any:
     return add_audio_bytes
 
 
+LATE_SILENCE_SKIP_S = 0.03  # skip_late_silence(): behind by more than this, silence is skipped
+
+
+def skip_late_silence() -> bool:
+    """Let pipecat's SmallWebRTC audio track skip silence it is late for, not burst it out.
+
+    ``RawAudioTrack`` keeps a schedule of one 10 ms chunk per 10 ms from its creation. When
+    aiortc's sender asks for chunks late (a connection's first second is busy: the DTLS
+    handshake, the first keyframes, the renderer starting), the track hands out what it is
+    behind on as fast as it is asked: silence, back to back, with RTP timestamps that say it
+    belongs in the past. Chromium's jitter buffer takes that burst as network jitter and keeps
+    it: measured with ``benchmarks/experiments/pipecat_stages.py``, the track fell 90-140 ms
+    behind in the first 0.4 s of a connection, the burst that followed filled Chromium's audio
+    jitter buffer to 60-440 ms, and the voice played that much behind the face for seconds.
+    With this, a track more than ``LATE_SILENCE_SKIP_S`` behind with nothing queued moves its
+    timestamp to the present: the silence it is late for is never sent (the receiver sees a
+    gap in the timestamps, as with DTX, and plays on); queued speech still goes out whole.
+
+    Changes pipecat's class, for every connection of the process; idempotent. Returns False,
+    changing nothing, when the installed pipecat's track does not look as expected.
+    """
+    try:
+        from pipecat.transports.smallwebrtc.transport import RawAudioTrack
+    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
+        return False
+    probe = RawAudioTrack(48_000)
+    usable = all(
+        isinstance(getattr(probe, attr, None), kind)
+        for attr, kind in (
+            ("_chunk_queue", deque),
+            ("_start", float),
+            ("_timestamp", int),
+            ("_sample_rate", int),
+            ("_samples_per_10ms", int),
+        )
+    )
+    return _patch_pipecat(
+        RawAudioTrack, "recv", _skip_late_silence, "RawAudioTrack (pacing)", usable
+    )
+
+
+def _skip_late_silence(original: Any) -> Any:
+    async def recv(self: Any) -> Any:
+        if self._timestamp > 0 and not self._chunk_queue:
+            late = time.time() - (self._start + self._timestamp / self._sample_rate)
+            if late > LATE_SILENCE_SKIP_S:
+                step = self._samples_per_10ms
+                self._timestamp += int(late * self._sample_rate) // step * step
+        return await original(self)
+
+    return recv
+
+
 def drop_smallwebrtc_audio_on_interruption() -> bool:
     """On an interruption, also drop the voice already handed to SmallWebRTC's audio track.
 
@@ -656,10 +709,11 @@ def drop_smallwebrtc_audio_on_interruption() -> bool:
 def tune_smallwebrtc() -> bool:
     """All of this module's fixes to pipecat's SmallWebRTC output, for every connection of the
     process (call once, before the transports are made): :func:`steady_smallwebrtc_audio`,
-    :func:`prompt_live_video` and :func:`drop_smallwebrtc_audio_on_interruption`. True when
-    all three took effect."""
+    :func:`skip_late_silence`, :func:`prompt_live_video` and
+    :func:`drop_smallwebrtc_audio_on_interruption`. True when all four took effect."""
     results = [
         steady_smallwebrtc_audio(),
+        skip_late_silence(),
         prompt_live_video(),
         drop_smallwebrtc_audio_on_interruption(),
     ]
@@ -810,6 +864,7 @@ __all__ = [
     "TalkstreamVideoService",
     "drop_smallwebrtc_audio_on_interruption",
     "prompt_live_video",
+    "skip_late_silence",
     "steady_smallwebrtc_audio",
     "tune_smallwebrtc",
 ]
