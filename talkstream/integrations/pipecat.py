@@ -619,9 +619,10 @@ def skip_late_silence() -> bool:
     handshake, the first keyframes, the renderer starting), the track hands out what it is
     behind on as fast as it is asked: silence, back to back, with RTP timestamps that say it
     belongs in the past. Chromium's jitter buffer takes that burst as network jitter and keeps
-    it: measured with ``benchmarks/experiments/pipecat_stages.py``, the track fell 90-140 ms
-    behind in the first 0.4 s of a connection, the burst that followed filled Chromium's audio
-    jitter buffer to 60-440 ms, and the voice played that much behind the face for seconds.
+    it: measured with ``benchmarks/experiments/pipecat_stages.py``, the track fell 50-150 ms
+    behind in the first 0.4 s of a connection, and the burst that followed kept Chromium's
+    audio jitter buffer at 42-131 ms over the first 4 s (median 87 ms of 6 runs; 46 ms with
+    this), the voice that much later than the face.
     With this, a track more than ``LATE_SILENCE_SKIP_S`` behind with nothing queued moves its
     timestamp to the present: the silence it is late for is never sent (the receiver sees a
     gap in the timestamps, as with DTX, and plays on); queued speech still goes out whole.
