@@ -30,7 +30,13 @@ those on the same wall clock (``time.time()``) as the service's own events. Per 
   browser (from queueing the frame to the voice falling below 0.003 RMS for 0.3 s), and the
   mouth at rest (the end of the last frame with moving landmarks the service emitted after it);
 - presented fps; and, for the breakdown, when the service emitted the first frame whose
-  landmarks moved (its stream's motion trace).
+  landmarks moved (its stream's motion trace);
+- the voice as Chromium hands it out for playout (``playout_voice_ms``, ``playout_stop_ms``):
+  the same onset and end as "first voice" and the browser's stop, read from the audio
+  receiver's ``getSynchronizationSources()`` (when WebRTC delivered each packet's audio for
+  playout, and the audio level aiortc wrote into its RTP header) instead of the page's Web
+  Audio level probe, which adds its own buffering (40-50 ms here). The sound device's output
+  buffer comes after either.
 
 Scenario 2 (service output, no browser): a conversation of ``--conversation-s`` seconds through
 ``EspeakTTSService -> TalkstreamVideoService`` in a pipecat pipeline, with ``--interruptions``
@@ -97,6 +103,25 @@ REST_PROBE_JS = """
     v.requestVideoFrameCallback(step);
   };
   v.requestVideoFrameCallback(step);
+}
+"""
+# The voice as Chromium hands it out for playout, not through the page's Web Audio probe: the
+# audio receiver's synchronization source (its level is the RTP audio-level header aiortc
+# writes from each packet's samples, in dBov; its timestamp is when WebRTC delivered that
+# audio for playout), every 5 ms, when it changes.
+PLAYOUT_PROBE_JS = """
+() => {
+  window.__playout = [];
+  const recv = pc.getReceivers().find((r) => r.track && r.track.kind === "audio");
+  let last = null;
+  setInterval(() => {
+    for (const s of recv.getSynchronizationSources()) {
+      if (s.rtpTimestamp !== last) {
+        last = s.rtpTimestamp;
+        window.__playout.push([s.timestamp - performance.timeOrigin, s.audioLevel ?? 0]);
+      }
+    }
+  }, 5);
 }
 """
 QUIET_RMS = 0.003
@@ -245,6 +270,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                 origin_ms = await page.evaluate("performance.timeOrigin")
                 await page.evaluate(STAMP_PROBE_JS, "#video")
                 await page.evaluate(REST_PROBE_JS, await page.evaluate("ts.mouthBox"))
+                await page.evaluate(PLAYOUT_PROBE_JS)
                 conn = next(iter(agent.connections.values()))
                 svc = conn.video
                 await asyncio.sleep(3.0)  # the encoder's quality ramp; a still face to learn
@@ -264,7 +290,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                     await asyncio.sleep(args.gap_s)
                 got = await page.evaluate(
                     "({presented: ts.presented, mouth: ts.mouth, voice: ts.voice,"
-                    " stamps: window.__stamps, rest: window.__rest})"
+                    " stamps: window.__stamps, rest: window.__rest, playout: window.__playout})"
                 )
             finally:
                 await browser.close()
@@ -297,6 +323,8 @@ def analyse_browser(
     mt, md = to_wall(mouth[:, 0]), mouth[:, 1]
     voice = np.asarray(got["voice"], dtype=np.float64)
     vt, vl = to_wall(voice[:, 0]), voice[:, 1]
+    played = np.asarray(got.get("playout") or [], dtype=np.float64).reshape(-1, 2)
+    pt, pl = to_wall(played[:, 0]), played[:, 1]
     first_audio = svc.first_audio_at
     # The still face's noise: frames before the first utterance (after the first second).
     still = md[(mt > mt[0] + 1.0) & (mt < first_audio[0])] if first_audio else md
@@ -319,12 +347,15 @@ def analyse_browser(
     for k, t_in in enumerate(first_audio):
         mouth_at = first_above(mt, md, t_in, thr)
         voice_at = first_above(vt, vl, t_in, SPEECH_RMS)
+        played_at = first_above(pt, pl, t_in, SPEECH_RMS) if pt.size else None
         row: dict[str, Any] = {
             "first_audio_in": t_in,
             "mouth_ms": None if mouth_at is None else round(1000 * (mouth_at - t_in), 1),
             **from_rest(r_at, r_val, snaps[k] if snaps and k < len(snaps) else None, t_in),
             "voice_ms": None if voice_at is None else round(1000 * (voice_at - t_in), 1),
         }
+        if played_at is not None:
+            row["playout_voice_ms"] = round(1000 * (played_at - t_in), 1)
         moving = np.flatnonzero((m_at > t_in) & (m_val > m_thr))
         if moving.size:
             row["service_mouth_ms"] = round(1000 * (m_at[moving[0]] - t_in), 1)
@@ -349,6 +380,9 @@ def analyse_browser(
             quiet = quiet_from(vt, vl, t_q)
             if quiet is not None:
                 row["browser_stop_ms"] = round(1000 * (quiet - t_q), 1)
+            quiet = quiet_from(pt, pl, t_q) if pt.size else None
+            if quiet is not None:
+                row["playout_stop_ms"] = round(1000 * (quiet - t_q), 1)
         rows.append(row)
     span = presented[-1] - presented[0] if presented.size > 1 else 0.0
     col = lambda key: [r[key] for r in rows if r.get(key) is not None]  # noqa: E731
@@ -359,11 +393,13 @@ def analyse_browser(
         "median_first_mouth_ms": median(col("mouth_ms")),
         "median_mouth_from_rest_ms": median(col("mouth_from_rest_ms")),
         "median_first_voice_ms": median(col("voice_ms")),
+        "median_playout_voice_ms": median(col("playout_voice_ms")),
         "median_service_mouth_ms": median(col("service_mouth_ms")),
         "median_moving_frame_shown_ms": median(col("moving_frame_shown_ms")),
         "median_mouth_minus_voice_ms": median(col("mouth_minus_voice_ms")),
         "median_service_stop_ms": median(col("service_stop_ms")),
         "median_browser_stop_ms": median(col("browser_stop_ms")),
+        "median_playout_stop_ms": median(col("playout_stop_ms")),
         "median_service_mouth_rest_ms": median(col("service_mouth_rest_ms")),
         "median_interrupt_transit_ms": median(col("interrupt_transit_ms")),
         "matched": f"{len(col('mouth_ms'))}/{len(rows)}",
@@ -593,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
             f"service, {b['median_browser_stop_ms']} ms after it was queued as heard in the "
             f"browser (pipeline transit {b['median_interrupt_transit_ms']} ms); the mouth at rest "
             f"{b['median_service_mouth_rest_ms']} ms after it (service output)"
+        )
+        print(
+            "the voice as Chromium hands it out for playout (not through the page's Web Audio "
+            f"probe): first heard {b['median_playout_voice_ms']} ms after the first TTS audio, "
+            f"quiet {b['median_playout_stop_ms']} ms after the interruption was queued"
         )
     print(
         f"service output over {c['wall_s']} s, {c['interruptions']} interruptions: "
