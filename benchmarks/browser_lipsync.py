@@ -303,7 +303,7 @@ async def pipecat_run(
     the script to headless Chromium; the page's own captures (voice level, grey face crops)."""
     from playwright.async_api import async_playwright
 
-    from talkstream.benchmarking.browser import CHROMIUM_FLAGS
+    from talkstream.benchmarking.browser import CHROMIUM_FLAGS, PLAYOUT_JS
     from talkstream.benchmarking.local import listen_on_loopback, load_example
     from talkstream.streaming.sdp import use_loopback_ice
 
@@ -338,11 +338,13 @@ async def pipecat_run(
                     "window.ts && window.ts.state === 'connected'", timeout=60_000
                 )
                 writes = await record_timeline(agent)
+                await page.evaluate(f"({PLAYOUT_JS.strip()})(pc)")  # the page's connection
                 await page.evaluate("ts.capture = true")
                 await asyncio.sleep(seconds)
                 got: dict[str, Any] = await page.evaluate(
                     "(() => { ts.capture = false; return {presented: ts.presented,"
-                    " voice: ts.voice, faces: ts.faces, faceBox: ts.faceBox}; })()"
+                    " voice: ts.voice, played: window.__playout, faces: ts.faces,"
+                    " faceBox: ts.faceBox}; })()"
                 )
                 got["service"] = service_traces(agent)
                 got["spoken"] = spoken_audio(writes)
@@ -461,11 +463,17 @@ def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
         for k in range(0, max(n - win, 0) + 1, win // 2)
     ]
     presented = np.asarray(raw["presented"], dtype=np.float64)
+    # The same against the voice at Chromium's playout (js/playout.js), without the page's Web
+    # Audio probe and its own buffering in between.
+    played = np.asarray(raw.get("played") or [], dtype=np.float64).reshape(-1, 2)
+    r_played, shift_played = voice_r(t[0], n, mouth, played) if len(played) > 50 else (None, None)
     return {
         "presented": presented_stats(list(presented), []),
         "detected": round(float(np.isfinite(opening).mean()), 3),
         "dlib_vs_voice_r": r,
         "voice_after_mouth_ms": shift,
+        "dlib_vs_played_voice_r": r_played,
+        "played_voice_after_mouth_ms": shift_played,
         "by_window": [{"r": w_r, "voice_after_mouth_ms": w_s} for w_r, w_s in windows],
         "service": service_r(raw.get("service")),
     }
@@ -644,10 +652,14 @@ def summarise(result: dict[str, Any], variants: list[str]) -> str:
             "speech/voice r | voice after mouth | fps presented |",
             "|---|---|---|---|",
             f"| offline render of the script | {po['dlib_vs_speech_r']} | - | - |",
-            f"| examples/pipecat_agent.py -> SmallWebRTC -> Chromium ({len(runs)} runs) | "
+            f"| examples/pipecat_agent.py -> SmallWebRTC -> Chromium ({len(runs)} runs), the "
+            f"voice through the page's Web Audio probe | "
             f"{_median([r['dlib_vs_voice_r'] for r in runs])} | "
             f"{_median([r['voice_after_mouth_ms'] for r in runs])} ms | "
             f"{_median([r['presented'].get('fps') for r in runs])} |",
+            "| the same runs, the voice at Chromium's playout | "
+            f"{_median([r.get('dlib_vs_played_voice_r') for r in runs])} | "
+            f"{_median([r.get('played_voice_after_mouth_ms') for r in runs])} ms | - |",
             "| offline render of the audio the service spoke (same runs) | "
             f"{_median([_same(r, 'dlib') for r in runs])}"
             " | - | - |",

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from talkstream.benchmarking.browser import CHROMIUM_FLAGS, find_chromium
+from talkstream.benchmarking.browser import CHROMIUM_FLAGS, PLAYOUT_JS, find_chromium
 from talkstream.benchmarking.local import load_example, serve_app
 from talkstream.benchmarking.stamp import STAMP_PROBE_JS, stamp, unwrap
 
@@ -103,25 +103,6 @@ REST_PROBE_JS = """
     v.requestVideoFrameCallback(step);
   };
   v.requestVideoFrameCallback(step);
-}
-"""
-# The voice as Chromium hands it out for playout, not through the page's Web Audio probe: the
-# audio receiver's synchronization source (its level is the RTP audio-level header aiortc
-# writes from each packet's samples, in dBov; its timestamp is when WebRTC delivered that
-# audio for playout), every 5 ms, when it changes.
-PLAYOUT_PROBE_JS = """
-() => {
-  window.__playout = [];
-  const recv = pc.getReceivers().find((r) => r.track && r.track.kind === "audio");
-  let last = null;
-  setInterval(() => {
-    for (const s of recv.getSynchronizationSources()) {
-      if (s.rtpTimestamp !== last) {
-        last = s.rtpTimestamp;
-        window.__playout.push([s.timestamp - performance.timeOrigin, s.audioLevel ?? 0]);
-      }
-    }
-  }, 5);
 }
 """
 QUIET_RMS = 0.003
@@ -270,7 +251,7 @@ async def browser_scenario(args: argparse.Namespace, example: ModuleType) -> dic
                 origin_ms = await page.evaluate("performance.timeOrigin")
                 await page.evaluate(STAMP_PROBE_JS, "#video")
                 await page.evaluate(REST_PROBE_JS, await page.evaluate("ts.mouthBox"))
-                await page.evaluate(PLAYOUT_PROBE_JS)
+                await page.evaluate(f"({PLAYOUT_JS.strip()})(pc)")  # the page's connection
                 conn = next(iter(agent.connections.values()))
                 svc = conn.video
                 await asyncio.sleep(3.0)  # the encoder's quality ramp; a still face to learn
