@@ -594,6 +594,20 @@ def underruns(loud: list[bool], span: int = 3) -> int:
 SERIES: dict[str, np.ndarray] = {}
 
 
+def best_voice_shift(
+    ref: np.ndarray, voice: np.ndarray, t0: float, shifts: range
+) -> tuple[float, int] | None:
+    """Best (r, shift ms) of ``ref`` (40 ms grid from ``t0``, s) against the page's voice level
+    ((ms, level) rows) moved by each of ``shifts``; None when no shift gives an r."""
+    best = None
+    for shift_ms in shifts:
+        v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], t0, len(ref))
+        r = pearson(ref, v)
+        if r is not None and (best is None or r > best[0]):
+            best = (r, shift_ms)
+    return best
+
+
 def playout(
     rec: Recorder, got: dict[str, Any], grid: np.ndarray, opening: np.ndarray, voice: np.ndarray
 ) -> dict[str, Any]:
@@ -676,13 +690,7 @@ def playout(
     probe = []
     e_grid = env_at(pts_at(grid))
     for w0 in range(0, len(grid) - 100, 100):
-        seg = slice(w0, w0 + 100)
-        bw = None
-        for shift_ms in range(-100, 301, 10):
-            v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], grid[w0], 100)
-            r = pearson(e_grid[seg], v)
-            if r is not None and (bw is None or r > bw[0]):
-                bw = (r, shift_ms)
+        bw = best_voice_shift(e_grid[w0 : w0 + 100], voice, grid[w0], range(-100, 301, 10))
         if bw is not None and bw[0] > 0.5:
             probe.append(bw[1])
     return {
@@ -914,13 +922,7 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
     offsets = []
     window_r = []
     for w0 in range(0, n - 100, 50):
-        seg = slice(w0, w0 + 100)
-        best = None
-        for shift_ms in range(-200, 601, 20):
-            v = bl.grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], grid[w0], 100)
-            r = pearson(s_grid[seg], v)
-            if r is not None and (best is None or r > best[0]):
-                best = (r, shift_ms)
+        best = best_voice_shift(s_grid[w0 : w0 + 100], voice, grid[w0], range(-200, 601, 20))
         if best is not None:
             window_r.append(round(best[0], 3))
         if best is not None and best[0] > 0.5:

@@ -577,21 +577,25 @@ def steady_smallwebrtc_audio() -> bool:
     Changes pipecat's class, for every connection of the process; idempotent. Returns False,
     changing nothing, when the installed pipecat's track does not look as expected.
     """
+    return _patch_raw_audio_track(
+        "add_audio_bytes",
+        _early_write_report,
+        "RawAudioTrack (audio handoff)",
+        _chunk_queue=deque,
+        _bytes_per_10ms=int,
+    )
+
+
+def _patch_raw_audio_track(name: str, make: Any, what: str, **attrs: type) -> bool:
+    """:func:`_patch_pipecat` on SmallWebRTC's ``RawAudioTrack``, if a track made now has each
+    of ``attrs`` (attribute name -> type) that the patch relies on."""
     try:
         from pipecat.transports.smallwebrtc.transport import RawAudioTrack
     except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
         return False
     probe = RawAudioTrack(48_000)
-    usable = isinstance(getattr(probe, "_chunk_queue", None), deque) and isinstance(
-        getattr(probe, "_bytes_per_10ms", None), int
-    )
-    return _patch_pipecat(
-        RawAudioTrack,
-        "add_audio_bytes",
-        _early_write_report,
-        "RawAudioTrack (audio handoff)",
-        usable,
-    )
+    usable = all(isinstance(getattr(probe, a, None), kind) for a, kind in attrs.items())
+    return _patch_pipecat(RawAudioTrack, name, make, what, usable)
 
 
 def _early_write_report(original: Any) -> Any:
@@ -630,23 +634,15 @@ def skip_late_silence() -> bool:
     Changes pipecat's class, for every connection of the process; idempotent. Returns False,
     changing nothing, when the installed pipecat's track does not look as expected.
     """
-    try:
-        from pipecat.transports.smallwebrtc.transport import RawAudioTrack
-    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
-        return False
-    probe = RawAudioTrack(48_000)
-    usable = all(
-        isinstance(getattr(probe, attr, None), kind)
-        for attr, kind in (
-            ("_chunk_queue", deque),
-            ("_start", float),
-            ("_timestamp", int),
-            ("_sample_rate", int),
-            ("_samples_per_10ms", int),
-        )
-    )
-    return _patch_pipecat(
-        RawAudioTrack, "recv", _skip_late_silence, "RawAudioTrack (pacing)", usable
+    return _patch_raw_audio_track(
+        "recv",
+        _skip_late_silence,
+        "RawAudioTrack (pacing)",
+        _chunk_queue=deque,
+        _start=float,
+        _timestamp=int,
+        _sample_rate=int,
+        _samples_per_10ms=int,
     )
 
 
