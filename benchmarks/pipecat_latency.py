@@ -528,7 +528,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma list of SmallWebRTC fixes to leave out, for comparisons: video (pipecat's "
         "own live video pacing), interruption (the audio track kept on a barge-in), audio "
-        "(pipecat's audio handoff)",
+        "(pipecat's audio handoff), reports (aiortc's sender reports at sending time, and no "
+        "audio lead)",
     )
     return p.parse_args(argv)
 
@@ -537,19 +538,20 @@ UNTUNED = {
     "audio": "steady_smallwebrtc_audio",
     "video": "prompt_live_video",
     "interruption": "drop_smallwebrtc_audio_on_interruption",
+    "reports": "sender_reports_in_media_time",
 }
 
 
 def leave_out(names: str) -> list[str]:
-    """Make the named fixes of talkstream.integrations.pipecat no-ops (before the example
+    """Make the named fixes of talkstream.integrations.smallwebrtc no-ops (before the example
     applies them with tune_smallwebrtc())."""
-    import talkstream.integrations.pipecat as tp
+    import talkstream.integrations.smallwebrtc as sw
 
     out = [n for n in names.split(",") if n]
     for name in out:
         if name not in UNTUNED:
             raise SystemExit(f"pipecat_latency: --untuned takes {', '.join(UNTUNED)}, not {name}")
-        setattr(tp, UNTUNED[name], lambda: False)
+        setattr(sw, UNTUNED[name], lambda: False)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,10 +50,12 @@ class PushLog(BaseObserver):
         super().__init__()
         self.source = source
         self.frames: list[tuple[float, Frame]] = []
+        self.wall: dict[int, float] = {}  # id(frame) -> time.time() when it was pushed
 
     async def on_push_frame(self, data: FramePushed) -> None:
         if data.source is self.source and data.direction == FrameDirection.DOWNSTREAM:
             self.frames.append((data.timestamp / 1e9, data.frame))
+            self.wall[id(data.frame)] = time.time()
 
     def of(self, kind: type) -> list[tuple[float, Any]]:
         return [(t, f) for t, f in self.frames if isinstance(f, kind)]
@@ -91,7 +94,7 @@ def image_digest(f: OutputImageRawFrame) -> str:
 async def test_speech_then_idle_paced_and_aligned(
     warm_engine: Engine, default_avatar: Avatar
 ) -> None:
-    svc = TalkstreamVideoService(engine=warm_engine, avatar=default_avatar)
+    svc = TalkstreamVideoService(engine=warm_engine, avatar=default_avatar, audio_lead_ms=0)
     speech_s = 1.5
     frames: list[Frame] = [TextFrame("a"), TTSStartedFrame(context_id="c1")]
     frames += tts_chunks(speech_s, 22050, 2)  # any rate, any channel count
@@ -204,6 +207,66 @@ async def test_cancel_stops_everything(warm_engine: Engine, default_avatar: Avat
     assert not leftovers, leftovers
 
 
+@pytest.mark.slow  # real time: a few seconds of speech and idle
+async def test_a_voice_lead_sends_each_block_ahead_of_the_image_that_shows_it(
+    warm_engine: Engine, default_avatar: Avatar
+) -> None:
+    from talkstream.integrations.smallwebrtc import MEDIA_TIMES
+
+    svc = TalkstreamVideoService(engine=warm_engine, avatar=default_avatar, audio_lead_ms=80)
+    speech_s = 1.5
+    frames: list[Frame] = [TTSStartedFrame(context_id="c1"), *tts_chunks(speech_s, 24000, 1)]
+    frames += [TTSStoppedFrame(context_id="c1"), SleepFrame(sleep=1.5)]
+    log = await run(svc, frames)
+
+    audio = log.of(OutputAudioRawFrame)
+    images = {f.metadata[META_KEY]["index"]: f for _, f in log.of(OutputImageRawFrame)}
+    assert len(audio) >= 25, "no speech came out"
+    # Each block goes out with the image of two frames before the one that shows it (80 ms).
+    order = [f for _, f in log.frames if isinstance(f, OutputAudioRawFrame | OutputImageRawFrame)]
+    for i, f in enumerate(order[:-1]):
+        if isinstance(f, OutputAudioRawFrame):
+            shown_with = next(g for g in order[i + 1 :] if isinstance(g, OutputImageRawFrame))
+            k = f.metadata[META_KEY]["index"]
+            assert shown_with.metadata[META_KEY]["index"] == k - 2
+    # None of the speech is lost to the lead (an early start leaves room for it).
+    lo, hi = (audio[i][1].metadata[META_KEY]["index"] for i in (0, -1))
+    skipped_s = sum(k not in images for k in range(lo - 2, hi - 1)) * FRAME_S
+    emitted_s = sum(f.num_frames for _, f in audio) / 48000
+    assert abs(emitted_s + skipped_s - speech_s) <= 0.08, (emitted_s, skipped_s)
+    # Each block's due time, noted for SmallWebRTC's sender reports, is when its image went.
+    late = []
+    for _, f in audio:
+        due = next(
+            (d for i in range(0, 3840, 960) if (d := MEDIA_TIMES.take(f.audio[i : i + 960]))), None
+        )
+        image = images.get(f.metadata[META_KEY]["index"])
+        if due is not None and image is not None:
+            late.append(log.wall[id(image)] - due)
+    assert len(late) >= 20
+    assert abs(float(np.median(late))) <= 0.02, np.median(late)
+
+
+def test_the_voice_leads_once_sender_reports_carry_media_time(
+    warm_engine: Engine, default_avatar: Avatar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import talkstream.integrations.pipecat as tp
+    from talkstream.streaming.config import StreamConfig
+
+    def lead(**kw: Any) -> float:
+        svc = TalkstreamVideoService(engine=warm_engine, avatar=default_avatar, **kw)
+        return svc.resolved_stream_config().audio_lead_ms
+
+    monkeypatch.setattr(tp, "reports_in_media_time", lambda: True)  # tune_smallwebrtc() ran
+    assert lead() == tp.SMALLWEBRTC_AUDIO_LEAD_MS
+    assert lead(audio_lead_ms=0) == 0
+    assert lead(stream_config=StreamConfig(audio_lead_ms=20)) == 20
+    monkeypatch.setattr(tp, "reports_in_media_time", lambda: False)
+    assert lead() == 0  # a receiver's own lip sync would undo a lead its reports do not explain
+    with pytest.raises(ValueError, match="audio_lead_ms"):
+        lead(audio_lead_ms=500)
+
+
 def test_options_are_checked(warm_engine: Engine, default_avatar: Avatar) -> None:
     with pytest.raises(TypeError, match="avatar"):
         TalkstreamVideoService(avatar=default_avatar, image="me.jpg")
@@ -214,179 +277,3 @@ def test_options_are_checked(warm_engine: Engine, default_avatar: Avatar) -> Non
     svc = TalkstreamVideoService(framing="portrait", threads=1, backend="torch", idle=False)
     assert svc._engine_cfg.avatar.framing == "portrait"
     assert svc._engine_cfg.threads == 1 and not svc._engine_cfg.idle.enabled
-
-
-async def test_steady_smallwebrtc_audio_takes_the_next_block_while_one_plays() -> None:
-    pytest.importorskip("aiortc", reason="pipecat's webrtc extra is not installed")
-    from pipecat.transports.smallwebrtc.transport import RawAudioTrack
-
-    from talkstream.integrations.pipecat import steady_smallwebrtc_audio
-
-    assert steady_smallwebrtc_audio() and steady_smallwebrtc_audio()  # idempotent
-    track = RawAudioTrack(48_000)
-    track._start -= 60.0  # a minute behind: recv() hands out chunks without waiting
-    blocks = [np.full(1920, v, np.int16) for v in (1000, 2000)]  # 40 ms each
-    written = track.add_audio_bytes(blocks[0].tobytes())
-    first = await track.recv()
-    # Reported written once its first 10 ms chunk is out (pipecat's own: after the last),
-    # so the next block can come while the rest of this one plays.
-    assert written.done()
-    track.add_audio_bytes(blocks[1].tobytes())
-    rest = [await track.recv() for _ in range(7)]
-    pcm = np.concatenate([f.to_ndarray()[0] for f in [first, *rest]])
-    assert np.array_equal(pcm, np.concatenate(blocks))  # in order, no silence in between
-    assert [f.pts for f in [first, *rest]] == [480 * k for k in range(8)]
-
-
-async def test_skip_late_silence_skips_the_silence_a_late_sender_missed_not_speech() -> None:
-    pytest.importorskip("aiortc", reason="pipecat's webrtc extra is not installed")
-    from pipecat.transports.smallwebrtc.transport import RawAudioTrack
-
-    from talkstream.integrations.pipecat import skip_late_silence
-
-    assert skip_late_silence() and skip_late_silence()  # idempotent
-    track = RawAudioTrack(48_000)
-    assert (await track.recv()).pts == 0
-    track._start -= 0.5  # aiortc's sender came back half a second late
-    # Nothing queued: the silence it is late for is not sent; the next chunk is stamped now
-    # (pipecat's own track would send 50 chunks of silence back to back, from pts 480 on).
-    now = await track.recv()
-    assert 24_000 <= now.pts < 48_000 and now.pts % 480 == 0, now.pts
-    assert not now.to_ndarray().any()
-    # Late again, with speech queued: the speech goes out whole, right after, at once.
-    track._start -= 0.5
-    block = np.arange(1920, dtype=np.int16)
-    track.add_audio_bytes(block.tobytes())
-    frames = [await track.recv() for _ in range(4)]
-    assert [f.pts for f in frames] == [now.pts + 480 * (k + 1) for k in range(4)]
-    assert np.array_equal(np.concatenate([f.to_ndarray()[0] for f in frames]), block)
-
-
-async def test_prompt_live_video_sends_paced_images_at_once_and_slows_a_burst() -> None:
-    from pipecat.frames.frames import OutputImageRawFrame
-    from pipecat.transports.base_output import BaseOutputTransport
-    from pipecat.transports.base_transport import TransportParams
-
-    from talkstream.integrations.pipecat import prompt_live_video
-
-    assert prompt_live_video() and prompt_live_video()  # idempotent
-    drawn: list[tuple[float, int]] = []
-
-    class Recording(BaseOutputTransport):  # pipecat's own transport, writing nowhere
-        def get_event_loop(self) -> asyncio.AbstractEventLoop:
-            return asyncio.get_running_loop()
-
-        async def write_video_frame(self, frame: OutputImageRawFrame) -> bool:
-            drawn.append((asyncio.get_running_loop().time(), frame.pts))
-            return True
-
-    params = TransportParams(
-        video_out_enabled=True,
-        video_out_is_live=True,
-        video_out_framerate=25,
-        video_out_width=32,
-        video_out_height=16,
-    )
-    sender = BaseOutputTransport.MediaSender(
-        Recording(params),
-        destination=None,
-        sample_rate=48_000,
-        audio_chunk_size=3840,
-        params=params,
-    )
-    sender._video_queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-
-    def image(k: int) -> OutputImageRawFrame:
-        frame = OutputImageRawFrame(bytes(32 * 16 * 3), (32, 16), "RGB")
-        frame.pts = k
-        return frame
-
-    task = asyncio.create_task(sender._video_task_handler())  # pipecat's own loop
-    try:
-        # A producer that keeps 25 fps: pipecat would hold each image a frame period (40 ms).
-        put_at = {}
-        for k in range(10):
-            put_at[k] = loop.time()
-            await sender._video_queue.put(image(k))
-            await asyncio.sleep(0.04)
-        # The producer falls 3 frames behind, then sends them at once: they go at once.
-        await asyncio.sleep(0.08)
-        for k in range(10, 13):
-            put_at[k] = loop.time()
-            await sender._video_queue.put(image(k))
-        await asyncio.sleep(0.1)
-        waits = sorted(t - put_at[k] for t, k in drawn)
-        # Paced, the last of the three would wait ~80 ms.
-        assert len(waits) == 13 and waits[6] < 0.02 and waits[-1] < 0.06, waits
-        # A burst of 12 at once from a fresh schedule: spaced one period apart.
-        await asyncio.sleep(0.5)
-        drawn.clear()
-        t0 = loop.time()
-        for k in range(12):
-            sender._video_queue.put_nowait(image(100 + k))
-        await sender._video_queue.join()
-        assert [k for _, k in drawn] == list(range(100, 112))
-        assert drawn[-1][0] - t0 >= 11 * 0.04 * 0.9
-        # This service's own images (its metadata) are never held: it paces them itself.
-        await asyncio.sleep(0.5)
-        drawn.clear()
-        t0 = loop.time()
-        for k in range(6):
-            ours = image(200 + k)
-            ours.metadata[META_KEY] = {"index": k}
-            sender._video_queue.put_nowait(ours)
-        await sender._video_queue.join()
-        assert [k for _, k in drawn] == list(range(200, 206))
-        assert drawn[-1][0] - t0 < 0.1
-    finally:
-        task.cancel()
-        sender._executor.shutdown(wait=False)
-
-
-async def test_an_interruption_also_empties_the_smallwebrtc_audio_track() -> None:
-    pytest.importorskip("aiortc", reason="pipecat's webrtc extra is not installed")
-    from pipecat.frames.frames import StartFrame
-    from pipecat.transports.base_transport import TransportParams
-    from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
-    from pipecat.transports.smallwebrtc.transport import (
-        RawAudioTrack,
-        SmallWebRTCCallbacks,
-        SmallWebRTCClient,
-        SmallWebRTCOutputTransport,
-    )
-    from pipecat.utils.asyncio.task_manager import TaskManager
-
-    from talkstream.integrations.pipecat import tune_smallwebrtc
-
-    assert tune_smallwebrtc()
-
-    async def ignore(*_: Any, **__: Any) -> None:
-        return None
-
-    callbacks = SmallWebRTCCallbacks(
-        on_app_message=ignore,
-        on_client_connected=ignore,
-        on_client_disconnected=ignore,
-        on_track_status=ignore,
-    )
-    client = SmallWebRTCClient(SmallWebRTCConnection(), callbacks)
-    params = TransportParams(audio_out_enabled=True, audio_out_sample_rate=48_000)
-    transport = SmallWebRTCOutputTransport(
-        client, params, task_manager=TaskManager(loop=asyncio.get_running_loop())
-    )
-    track = RawAudioTrack(48_000)
-    client._audio_output_track = track
-    # Two 40 ms blocks of the sentence already in the track (steady_smallwebrtc_audio lets
-    # it hold two) when the user barges in.
-    written = [track.add_audio_bytes(np.full(1920, 3000, np.int16).tobytes()) for _ in range(2)]
-    sender = transport.MediaSender(
-        transport, destination=None, sample_rate=48_000, audio_chunk_size=3840, params=params
-    )
-    await sender.start(StartFrame(audio_out_sample_rate=48_000))
-    try:
-        await sender.handle_interruptions(InterruptionFrame())
-        assert not track._chunk_queue and all(w.done() for w in written)
-        assert not (await track.recv()).to_ndarray().any()  # silence, not the cut sentence
-    finally:
-        await sender.cancel(CancelFrame())

@@ -312,23 +312,23 @@ def _media_pts(rec: Recorder) -> None:
 
 def _pipecat_audio(rec: Recorder) -> None:
     """pipecat's own audio handoff: the example's steady_smallwebrtc_audio() made a no-op."""
-    import talkstream.integrations.pipecat as tp
+    import talkstream.integrations.smallwebrtc as sw
 
-    tp.steady_smallwebrtc_audio = lambda: False  # type: ignore[assignment]
+    sw.steady_smallwebrtc_audio = lambda: False  # type: ignore[assignment]
 
 
 def _pipecat_silence(rec: Recorder) -> None:
     """pipecat's own audio pacing: the example's skip_late_silence() made a no-op."""
-    import talkstream.integrations.pipecat as tp
+    import talkstream.integrations.smallwebrtc as sw
 
-    tp.skip_late_silence = lambda: False  # type: ignore[assignment]
+    sw.skip_late_silence = lambda: False  # type: ignore[assignment]
 
 
 def _pipecat_video(rec: Recorder) -> None:
     """pipecat's own live video pacing: the example's prompt_live_video() made a no-op."""
-    import talkstream.integrations.pipecat as tp
+    import talkstream.integrations.smallwebrtc as sw
 
-    tp.prompt_live_video = lambda: False  # type: ignore[assignment]
+    sw.prompt_live_video = lambda: False  # type: ignore[assignment]
 
 
 def _jb_target(rec: Recorder) -> None:
@@ -367,7 +367,28 @@ def _media_pts_jb_video(rec: Recorder) -> None:
     _jb_video(rec)
 
 
+def _lead(ms: float) -> Any:
+    # The service's voice ms ahead of its images (sender reports in media time).
+    def variant(rec: Recorder) -> None:
+        rec.service_options = {"audio_lead_ms": ms}
+
+    return variant
+
+
+def _wall_reports(rec: Recorder) -> None:
+    """aiortc's own sender reports (wall time at sending): the example's
+    sender_reports_in_media_time() made a no-op (so no lead either)."""
+    import talkstream.integrations.smallwebrtc as sw
+
+    sw.sender_reports_in_media_time = lambda: False  # type: ignore[assignment]
+
+
 VARIANTS = {
+    "lead_0": _lead(0.0),
+    "lead_40": _lead(40.0),
+    "lead_80": _lead(80.0),
+    "lead_120": _lead(120.0),
+    "wall_reports": _wall_reports,
     "pipecat_silence": _pipecat_silence,
     "yield_speech": _yield_speech,
     "jb_video": _jb_video,
@@ -561,6 +582,7 @@ def audio_path(rec: Recorder, aus: np.ndarray) -> dict[str, Any]:
     if len(rows) < 20:
         return {}
     r = np.array(rows)
+    SERIES["audio_path"] = r  # per block: push time, push -> track, track -> first sample out
     head, tail = r[:, 0] < r[0, 0] + 4, r[:, 0] > r[-1, 0] - 4
     return {
         "audio_push_to_track_ms_first_last": [
@@ -904,6 +926,8 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
     )
     both = np.isfinite(svc_open) & np.isfinite(by_index)
     SERIES.update(  # for a closer look (--out writes them beside the JSON)
+        img_t=np.array([[i, rec.images[i][0]] for i in idx]),
+        qs=np.array(rec.queue_speech).reshape(-1, 2),
         b_t=b_t, b_idx=b_idx, b_open=b_open_arr, lo=np.array([lo]), env=env, svc_open=svc_open
     )
     voice = np.asarray(got["voice"], dtype=np.float64).reshape(-1, 2)

@@ -85,6 +85,17 @@ from talkstream.engine.avatar import (
 )
 from talkstream.engine.landmarks import load_landmarks_json
 from talkstream.engine.pipeline import Engine
+from talkstream.integrations.smallwebrtc import (
+    MEDIA_TIMES,
+    META_KEY,
+    drop_smallwebrtc_audio_on_interruption,
+    prompt_live_video,
+    reports_in_media_time,
+    sender_reports_in_media_time,
+    skip_late_silence,
+    steady_smallwebrtc_audio,
+    tune_smallwebrtc,
+)
 from talkstream.streaming.clock import OUT_RATE_HZ, SAMPLES_PER_FRAME_48K
 from talkstream.streaming.config import StreamConfig
 from talkstream.streaming.tracks import MAX_TRACK_LAG_S, AvatarStream, QueueFullError
@@ -94,8 +105,12 @@ log = logging.getLogger(__name__)
 FRAME_S = SAMPLES_PER_FRAME_48K / OUT_RATE_HZ  # 40 ms: one video frame and its audio block
 # EndFrame lets queued speech play out first, but never waits longer than this beyond it.
 END_GRACE_S = 2.0
-# Metadata key on emitted frames: {"index": video frame, "media_s": its start on the timeline}.
-META_KEY = "talkstream"
+# The voice's lead over its images when SmallWebRTC's sender reports carry media time (see
+# TalkstreamVideoService's audio_lead_ms): what Chromium's audio jitter buffer holds more than
+# its video's over a connection's first seconds (40-60 ms) plus the usual wait in pipecat's
+# output (20-70 ms). Chromium delays the video when the voice comes late, not the voice when
+# it comes early: a larger lead left the voice 70-100 ms early (RESULTS, seventh session).
+SMALLWEBRTC_AUDIO_LEAD_MS = 80.0
 
 
 @dataclass
@@ -152,6 +167,14 @@ class TalkstreamVideoService(FrameProcessor):
             the matching ``engine_config`` fields (see ``talkstream render --help``).
         cache_dir: where prepared avatars and backend artifacts are cached (default: none).
         stream_config: latency budget and bounds of the avatar stream.
+        audio_lead_ms: send each 40 ms of voice this much ahead of the image that shows it,
+            for receivers whose audio path is longer than their video path (Chromium's audio
+            jitter buffer starts at ~80 ms, its video's near 0). Only worth it when the
+            transport's sender reports say when the voice is due, which
+            :func:`tune_smallwebrtc` makes SmallWebRTC's do; otherwise the receiver's own lip
+            sync undoes the lead (and adds delay). Default: ``SMALLWEBRTC_AUDIO_LEAD_MS`` (80)
+            once :func:`sender_reports_in_media_time` has taken effect in the process, else
+            ``stream_config.audio_lead_ms`` (0).
         warmup: render a second of frames at setup, so the first user frame pays no warm-up
             (engines the service loads itself only).
         **kwargs: passed to ``FrameProcessor`` (``name``...).
@@ -183,6 +206,7 @@ class TalkstreamVideoService(FrameProcessor):
         force: bool | None = None,
         cache_dir: str | Path | None = None,
         stream_config: StreamConfig | None = None,
+        audio_lead_ms: float | None = None,
         warmup: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -222,6 +246,10 @@ class TalkstreamVideoService(FrameProcessor):
         self._own_engine = engine is None
         self._avatar = avatar
         self._stream_cfg = stream_config or StreamConfig()
+        if audio_lead_ms is not None:  # checked as the stream's own setting is
+            self._stream_cfg = dataclasses.replace(self._stream_cfg, audio_lead_ms=audio_lead_ms)
+        self._auto_lead = audio_lead_ms is None and stream_config is None
+        self._lead = 0  # samples the voice leaves ahead of its image (set at start)
         self._warmup = warmup and engine is None
         self._load_lock = asyncio.Lock()
 
@@ -324,13 +352,22 @@ class TalkstreamVideoService(FrameProcessor):
             engine, self._engine = self._engine, None
             await asyncio.to_thread(engine.close)
 
+    def resolved_stream_config(self) -> StreamConfig:
+        """The stream's settings as the next start uses them (``audio_lead_ms`` resolved)."""
+        cfg = self._stream_cfg
+        if self._auto_lead and reports_in_media_time():
+            cfg = dataclasses.replace(cfg, audio_lead_ms=SMALLWEBRTC_AUDIO_LEAD_MS)
+        return cfg
+
     async def _start(self) -> None:
         if self._stream is not None:
             return
         await self.load()
-        self._stream = AvatarStream(
-            self.engine, self.avatar, self._stream_cfg, mode="presenter", name="pipecat"
-        )
+        cfg = self.resolved_stream_config()
+        self._lead = round(cfg.audio_lead_ms / 1000 * OUT_RATE_HZ)
+        # The stream knows the lead too: speech an early start places, and an interruption's
+        # cut, stay after the voice already sent.
+        self._stream = AvatarStream(self.engine, self.avatar, cfg, mode="presenter", name="pipecat")
         self._stream.start()
         self._next_index = 0
         self._out_task = self.create_task(self._output_loop(), "talkstream-output")
@@ -495,22 +532,30 @@ class TalkstreamVideoService(FrameProcessor):
 
     async def _emit(self, stream: AvatarStream, index: int) -> None:
         a = index * SAMPLES_PER_FRAME_48K
-        b = a + SAMPLES_PER_FRAME_48K
+        # The voice block that goes out with this image: the image's own, or with a lead the
+        # one of a later frame (its image follows that much later).
+        va = a + self._lead
+        vb = va + SAMPLES_PER_FRAME_48K
         # The image first (its copy into the frame takes a little time), so that the audio block and
         # the image showing it leave back to back.
         rgb = stream.display_image(index)  # (H, W, 3) uint8, the frame pipecat encodes itself
         image = OutputImageRawFrame(
             image=rgb.tobytes(), size=(rgb.shape[1], rgb.shape[0]), format="RGB"
         )
-        meta = {"index": index, "media_s": a / OUT_RATE_HZ}
-        image.metadata[META_KEY] = meta
-        await self._emit_controls(b, before_audio=True)
-        audio = self._speech_block(stream, a, b)
+        image.metadata[META_KEY] = {"index": index, "media_s": a / OUT_RATE_HZ}
+        await self._emit_controls(vb, before_audio=True)
+        audio = self._speech_block(stream, va, vb)
         if audio is not None:
-            audio.metadata[META_KEY] = meta
+            audio.metadata[META_KEY] = {
+                "index": va // SAMPLES_PER_FRAME_48K,
+                "media_s": va / OUT_RATE_HZ,
+            }
+            # When its content is due: when the image showing it goes out (for sender
+            # reports in media time, see talkstream.integrations.smallwebrtc).
+            MEDIA_TIMES.note(audio.audio, time.time() + self._lead / OUT_RATE_HZ)
             await self.push_frame(audio)
             self.last_speech_emitted_at = time.monotonic()
-        await self._emit_controls(b, before_audio=False)
+        await self._emit_controls(vb, before_audio=False)
         await self.push_frame(image)
         self.frames_emitted += 1
 
@@ -540,243 +585,6 @@ class TalkstreamVideoService(FrameProcessor):
             mask[max(s.start - a, 0) : min(s.end - a, b - a)] = True
         pcm[~mask] = 0
         return TTSAudioRawFrame(pcm.tobytes(), OUT_RATE_HZ, 1, context_id=hits[0].context_id)
-
-
-# ----------------------------------------------------------------------------- SmallWebRTC
-
-
-def _patch_pipecat(owner: Any, name: str, make: Any, what: str, usable: bool = True) -> bool:
-    """Replace ``owner.name`` with ``make(original)``, once (a marked replacement is kept).
-    False, changing nothing and saying so, when pipecat no longer has it (or not ``usable``)."""
-    original = getattr(owner, name, None)
-    if original is not None and getattr(original, "_talkstream_patch", False):
-        return True
-    if original is None or not usable:
-        log.warning("pipecat's %s has changed: it is left as it is", what)
-        return False
-    patched = make(original)
-    patched._talkstream_patch = True
-    setattr(owner, name, patched)
-    return True
-
-
-def steady_smallwebrtc_audio() -> bool:
-    """Let pipecat's SmallWebRTC audio track take the next block while the current one plays.
-
-    pipecat 1.14's ``RawAudioTrack`` reports a block written once its *last* 10 ms chunk has
-    been sent. The output transport writes one block at a time, so it must hand over the next
-    within those 10 ms; when the event loop is busier than that (a frame conversion, another
-    task), the track sends 10 ms of silence instead and never catches up. Over continuous
-    speech the voice so falls further and further behind the service, and behind the lips,
-    which Chromium shows on time: measured with ``benchmarks/experiments/pipecat_stages.py``,
-    the voice's wait before the track went from 0.15 s to 1.6 s over 20 s of speech on a
-    2-core CPU. With this, a write is reported when its *first* chunk goes out: the transport
-    has a block's time to hand over the next one, and the track holds at most two blocks
-    (up to 70 ms of voice after an interruption instead of 40 ms).
-
-    Changes pipecat's class, for every connection of the process; idempotent. Returns False,
-    changing nothing, when the installed pipecat's track does not look as expected.
-    """
-    return _patch_raw_audio_track(
-        "add_audio_bytes",
-        _early_write_report,
-        "RawAudioTrack (audio handoff)",
-        _chunk_queue=deque,
-        _bytes_per_10ms=int,
-    )
-
-
-def _patch_raw_audio_track(name: str, make: Any, what: str, **attrs: type) -> bool:
-    """:func:`_patch_pipecat` on SmallWebRTC's ``RawAudioTrack``, if a track made now has each
-    of ``attrs`` (attribute name -> type) that the patch relies on."""
-    try:
-        from pipecat.transports.smallwebrtc.transport import RawAudioTrack
-    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
-        return False
-    probe = RawAudioTrack(48_000)
-    usable = all(isinstance(getattr(probe, a, None), kind) for a, kind in attrs.items())
-    return _patch_pipecat(RawAudioTrack, name, make, what, usable)
-
-
-def _early_write_report(original: Any) -> Any:
-    def add_audio_bytes(self: Any, audio_bytes: bytes) -> Any:
-        future = original(self, audio_bytes)
-        queue = self._chunk_queue
-        n = len(audio_bytes) // self._bytes_per_10ms
-        if 1 < n <= len(queue) and queue[-1][1] is future:
-            # Move the completion from the block's last chunk to its first.
-            queue[-1] = (queue[-1][0], None)
-            queue[-n] = (queue[-n][0], future)
-        return future
-
-    return add_audio_bytes
-
-
-LATE_SILENCE_SKIP_S = 0.03  # skip_late_silence(): behind by more than this, silence is skipped
-
-
-def skip_late_silence() -> bool:
-    """Let pipecat's SmallWebRTC audio track skip silence it is late for, not burst it out.
-
-    ``RawAudioTrack`` keeps a schedule of one 10 ms chunk per 10 ms from its creation. When
-    aiortc's sender asks for chunks late (a connection's first second is busy: the DTLS
-    handshake, the first keyframes, the renderer starting), the track hands out what it is
-    behind on as fast as it is asked: silence, back to back, with RTP timestamps that say it
-    belongs in the past. Chromium's jitter buffer takes that burst as network jitter and keeps
-    it: measured with ``benchmarks/experiments/pipecat_stages.py``, the track fell 50-150 ms
-    behind in the first 0.4 s of a connection, and the burst that followed kept Chromium's
-    audio jitter buffer at 42-131 ms over the first 4 s (median 87 ms of 6 runs; 46 ms with
-    this), the voice that much later than the face.
-    With this, a track more than ``LATE_SILENCE_SKIP_S`` behind with nothing queued moves its
-    timestamp to the present: the silence it is late for is never sent (the receiver sees a
-    gap in the timestamps, as with DTX, and plays on); queued speech still goes out whole.
-
-    Changes pipecat's class, for every connection of the process; idempotent. Returns False,
-    changing nothing, when the installed pipecat's track does not look as expected.
-    """
-    return _patch_raw_audio_track(
-        "recv",
-        _skip_late_silence,
-        "RawAudioTrack (pacing)",
-        _chunk_queue=deque,
-        _start=float,
-        _timestamp=int,
-        _sample_rate=int,
-        _samples_per_10ms=int,
-    )
-
-
-def _skip_late_silence(original: Any) -> Any:
-    async def recv(self: Any) -> Any:
-        if self._timestamp > 0 and not self._chunk_queue:
-            late = time.time() - (self._start + self._timestamp / self._sample_rate)
-            if late > LATE_SILENCE_SKIP_S:
-                step = self._samples_per_10ms
-                self._timestamp += int(late * self._sample_rate) // step * step
-        return await original(self)
-
-    return recv
-
-
-def drop_smallwebrtc_audio_on_interruption() -> bool:
-    """On an interruption, also drop the voice already handed to SmallWebRTC's audio track.
-
-    pipecat 1.14 clears its output transport's queues when the user barges in, but not the
-    chunks its ``RawAudioTrack`` holds (one 40 ms block; two with
-    :func:`steady_smallwebrtc_audio`), so up to 80 ms of the cut sentence still plays. With
-    this, an ``InterruptionFrame`` empties the track too (the writers waiting on those
-    chunks are released); the next chunk the track sends is silence. Audio that pipecat marks
-    uninterruptible is dropped with it if it already sat in the track (at most those two
-    blocks); pipecat's own queues keep theirs.
-
-    Changes pipecat's class, for every output transport of the process; idempotent. Returns
-    False, changing nothing, when the installed pipecat does not look as expected.
-    """
-    try:
-        from pipecat.transports.base_output import BaseOutputTransport
-        from pipecat.transports.smallwebrtc.transport import SmallWebRTCOutputTransport
-    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
-        return False
-
-    def make(original: Any) -> Any:
-        async def handle_interruptions(self: Any, frame: Any) -> None:
-            await original(self, frame)
-            transport = getattr(self, "_transport", None)
-            if not isinstance(transport, SmallWebRTCOutputTransport):
-                return
-            track = getattr(getattr(transport, "_client", None), "_audio_output_track", None)
-            queue = getattr(track, "_chunk_queue", None)
-            if not isinstance(queue, deque):
-                return
-            while queue:
-                _chunk, future = queue.popleft()
-                if future is not None and not future.done():
-                    future.set_result(True)
-
-        return handle_interruptions
-
-    return _patch_pipecat(
-        getattr(BaseOutputTransport, "MediaSender", None),
-        "handle_interruptions",
-        make,
-        "output transport (interruptions)",
-    )
-
-
-def tune_smallwebrtc() -> bool:
-    """All of this module's fixes to pipecat's SmallWebRTC output, for every connection of the
-    process (call once, before the transports are made): :func:`steady_smallwebrtc_audio`,
-    :func:`skip_late_silence`, :func:`prompt_live_video` and
-    :func:`drop_smallwebrtc_audio_on_interruption`. True when all four took effect."""
-    results = [
-        steady_smallwebrtc_audio(),
-        skip_late_silence(),
-        prompt_live_video(),
-        drop_smallwebrtc_audio_on_interruption(),
-    ]
-    return all(results)
-
-
-LIVE_VIDEO_RESET = 5  # frame periods off its schedule after which prompt_live_video() restarts it
-
-
-def prompt_live_video() -> bool:
-    """Send each live image when it arrives instead of one frame period later.
-
-    pipecat 1.14's output transport paces live video (``video_out_is_live``) on a schedule
-    fixed by the first image: every image waits for its slot, at least one frame period after
-    the first. For a producer that already paces its images (this service does, at 25 fps,
-    each image with its audio block), that holds every image by wherever the schedule's phase
-    happens to fall (it moves when pipecat resets it) while the audio goes on: the mouth
-    leaves later than the voice it belongs to, by an amount that differs per connection
-    (measured with ``benchmarks/experiments/pipecat_stages.py``: 4-83 ms in 14
-    connections; 2-8 ms with this). With this, this service's images are drawn as they come
-    (it paces them), and other live images by a schedule without the extra period: one that
-    keeps to the frame rate, or is late, is drawn at once; one early by more than half a
-    period waits for its slot, so a producer faster than the frame rate is still slowed to it.
-
-    Changes pipecat's class, for every output transport of the process; idempotent. Returns
-    False, changing nothing, when the installed pipecat does not look as expected.
-    """
-    try:
-        from pipecat.transports.base_output import BaseOutputTransport
-    except ImportError:  # pragma: no cover - pipecat is a dependency of this module
-        return False
-    sender = getattr(BaseOutputTransport, "MediaSender", None)
-    return _patch_pipecat(
-        sender,
-        "_video_is_live_handler",
-        lambda _original: _prompt_video_is_live_handler,
-        "output transport (live video pacing)",
-        hasattr(sender, "_draw_image"),
-    )
-
-
-async def _prompt_video_is_live_handler(self: Any) -> None:
-    """pipecat's ``MediaSender._video_is_live_handler`` as :func:`prompt_live_video` makes it."""
-    image = await self._video_queue.get()
-    if META_KEY in (getattr(image, "metadata", None) or {}):
-        # TalkstreamVideoService paces its images itself, each beside its audio block.
-        await self._draw_image(image)
-        self._video_queue.task_done()
-        return
-    # Other producers: image k's slot is k periods after the first image's arrival
-    # (pipecat's: k + 1). An image that is late, on time or early by less than half a
-    # period goes at once, so a producer that keeps the frame rate is never held and one
-    # that fell behind catches up; an image early by more waits for its slot (a faster
-    # producer is slowed to the rate). Far off the schedule either way (a pause), the
-    # schedule starts again from this image.
-    period = 1.0 / self._params.video_out_framerate
-    now = time.monotonic()
-    k, start = getattr(self, "_talkstream_slots", (0, None))
-    if start is None or abs(start + k * period - now) > LIVE_VIDEO_RESET * period:
-        start = now - k * period
-    slot = start + k * period
-    if slot - now > period / 2:
-        await asyncio.sleep(slot - now)
-    self._talkstream_slots = (k + 1, start)
-    await self._draw_image(image)
-    self._video_queue.task_done()
 
 
 # ----------------------------------------------------------------------------- local TTS
@@ -857,10 +665,13 @@ class EspeakTTSService(TTSService):
 
 __all__ = [
     "META_KEY",
+    "SMALLWEBRTC_AUDIO_LEAD_MS",
     "EspeakTTSService",
     "TalkstreamVideoService",
+    # SmallWebRTC's fixes (talkstream.integrations.smallwebrtc), here too for convenience
     "drop_smallwebrtc_audio_on_interruption",
     "prompt_live_video",
+    "sender_reports_in_media_time",
     "skip_late_silence",
     "steady_smallwebrtc_audio",
     "tune_smallwebrtc",
