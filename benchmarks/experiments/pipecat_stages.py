@@ -928,7 +928,12 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
     SERIES.update(  # for a closer look (--out writes them beside the JSON)
         img_t=np.array([[i, rec.images[i][0]] for i in idx]),
         qs=np.array(rec.queue_speech).reshape(-1, 2),
-        b_t=b_t, b_idx=b_idx, b_open=b_open_arr, lo=np.array([lo]), env=env, svc_open=svc_open
+        b_t=b_t,
+        b_idx=b_idx,
+        b_open=b_open_arr,
+        lo=np.array([lo]),
+        env=env,
+        svc_open=svc_open,
     )
     voice = np.asarray(got["voice"], dtype=np.float64).reshape(-1, 2)
     n = int((b_t[-1] - b_t[0]) * 25)
