@@ -275,3 +275,55 @@ async def test_audio_sender_reports_say_when_the_voice_is_due() -> None:
         task.cancel()
         await tx.close()
         await rx.close()
+
+
+async def test_video_sender_reports_say_when_each_image_came() -> None:
+    """pipecat's video track holds a backlog of ten images (a third of a second at its 30 fps)
+    on their way to a real aiortc peer: its sender reports map each image's RTP time to when
+    the image came to the track, not to when it left."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+    from pipecat.frames.frames import OutputImageRawFrame
+    from pipecat.transports.smallwebrtc.transport import RawVideoTrack
+
+    from talkstream.integrations.smallwebrtc import sender_reports_in_media_time
+    from talkstream.streaming.sdp import use_loopback_ice
+
+    assert sender_reports_in_media_time()
+    use_loopback_ice()
+    track = RawVideoTrack(64, 48)
+    tx = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    rx = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    image = OutputImageRawFrame(bytes(64 * 48 * 3), (64, 48), "RGB")
+
+    async def show() -> None:  # ten at once, then 30 a second: the track's own rate
+        t0, added = time.monotonic(), 0
+        while True:
+            while added < 10 + (time.monotonic() - t0) * 30:
+                track.add_video_frame(image)
+                added += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(show())
+    try:
+        tx.addTrack(track)
+        await tx.setLocalDescription(await tx.createOffer())
+        await rx.setRemoteDescription(tx.localDescription)
+        await rx.setLocalDescription(await rx.createAnswer())
+        await tx.setRemoteDescription(rx.localDescription)
+        offsets: dict[Any, float] = {}
+        deadline = time.monotonic() + 20
+        while len(offsets) < 2 and time.monotonic() < deadline:
+            for receiver in rx.getReceivers():
+                for s in (await receiver.getStats()).values():
+                    if s.type == "remote-outbound-rtp":
+                        offsets[s.remoteTimestamp] = (
+                            s.remoteTimestamp - s.timestamp
+                        ).total_seconds()
+            await asyncio.sleep(0.05)
+        assert len(offsets) >= 2, offsets
+        # aiortc's own reports would say ~0 (when each packet left).
+        assert all(-0.5 <= o <= -0.2 for o in offsets.values()), offsets
+    finally:
+        task.cancel()
+        await tx.close()
+        await rx.close()

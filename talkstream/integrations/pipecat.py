@@ -106,11 +106,12 @@ FRAME_S = SAMPLES_PER_FRAME_48K / OUT_RATE_HZ  # 40 ms: one video frame and its 
 # EndFrame lets queued speech play out first, but never waits longer than this beyond it.
 END_GRACE_S = 2.0
 # The voice's lead over its images when SmallWebRTC's sender reports carry media time (see
-# TalkstreamVideoService's audio_lead_ms): what Chromium's audio jitter buffer holds more than
-# its video's over a connection's first seconds (40-60 ms) plus the usual wait in pipecat's
-# output (20-70 ms). Chromium delays the video when the voice comes late, not the voice when
-# it comes early: a larger lead left the voice 70-100 ms early (RESULTS, seventh session).
-SMALLWEBRTC_AUDIO_LEAD_MS = 80.0
+# TalkstreamVideoService's audio_lead_ms). Chromium's audio jitter buffer starts a connection
+# 35-60 ms deeper than its video's, and pipecat's output holds the voice another 15-120 ms;
+# Chromium then delays the video until the voice catches up, but it never delays a voice
+# that comes early: an 80 ms lead left it 45-50 ms early for whole runs, 120 ms 70-100 ms.
+# So the lead stays below the least of those waits (RESULTS, seventh session).
+SMALLWEBRTC_AUDIO_LEAD_MS = 40.0
 
 
 @dataclass
@@ -172,7 +173,7 @@ class TalkstreamVideoService(FrameProcessor):
             jitter buffer starts at ~80 ms, its video's near 0). Only worth it when the
             transport's sender reports say when the voice is due, which
             :func:`tune_smallwebrtc` makes SmallWebRTC's do; otherwise the receiver's own lip
-            sync undoes the lead (and adds delay). Default: ``SMALLWEBRTC_AUDIO_LEAD_MS`` (80)
+            sync undoes the lead (and adds delay). Default: ``SMALLWEBRTC_AUDIO_LEAD_MS`` (40)
             once :func:`sender_reports_in_media_time` has taken effect in the process, else
             ``stream_config.audio_lead_ms`` (0).
         warmup: render a second of frames at setup, so the first user frame pays no warm-up

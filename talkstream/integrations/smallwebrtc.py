@@ -315,47 +315,60 @@ MEDIA_TIMES = MediaTimes()
 
 
 def sender_reports_in_media_time() -> bool:
-    """Let the RTCP sender reports of SmallWebRTC's audio tell when its content is due.
+    """Let SmallWebRTC's RTCP sender reports tell when the media they time is due.
 
     A receiver lines voice and face up by the sender reports: each maps an RTP timestamp to
     a wall-clock time, and Chromium delays whichever of audio and video is ahead. aiortc maps
-    a packet to the time it *sent* it. That is right for the images (the service sends each
-    when it is due) but not for the voice: between the service and aiortc, pipecat's output
-    queue and audio track hold each speech block 20-95 ms, a different amount per connection
-    (measured with ``benchmarks/experiments/pipecat_stages.py``), and the service may send the
-    voice ahead of its images on purpose (``TalkstreamVideoService(audio_lead_ms=...)``). With
-    this, each audio sender report says when the content at its timestamp is due (the wall
-    time the service noted for it in :data:`MEDIA_TIMES`), so Chromium plays the voice with
-    the images that show it, whatever the wait in between.
+    a packet to the time it *sent* it. For the images that is after the VP8 encoder (15-25 ms
+    on a 2-core CPU); for the voice, after pipecat's output queue and audio track held each
+    speech block 20-120 ms, a different amount per connection (measured with
+    ``benchmarks/experiments/pipecat_stages.py``), and the service may send the voice ahead of
+    its images on purpose (``TalkstreamVideoService(audio_lead_ms=...)``). With this, every
+    report says when its media is due: for an image, when it was handed to the video track
+    (the service sends each when it is due); for the voice, the wall time the service noted
+    for that content in :data:`MEDIA_TIMES` (when the image that shows it goes out). Chromium
+    then plays the voice with the images that show it, whatever the waits in between.
 
-    Patches pipecat's ``RawAudioTrack`` (where each chunk of speech lands in the track's
-    timeline, and when the track hands it out) and aiortc's ``RTCRtpSender`` (its reports).
-    Reports of other senders, and of audio with no speech noted yet, are left as they were.
-    Idempotent. Returns False, changing nothing, when either no longer looks as expected.
+    Patches pipecat's ``RawAudioTrack`` and ``RawVideoTrack`` (where and when media enters
+    and leaves them) and aiortc's ``RTCRtpSender`` (its reports). Reports of other tracks, and
+    of audio with no speech noted yet, are left as they were. Idempotent. Returns False,
+    changing nothing, when any of them no longer looks as expected.
     """
     global _REPORTS_IN_MEDIA_TIME
     try:
         import aiortc.rtcrtpsender as rtcrtpsender
         from aiortc.rtp import RtcpSrPacket
-    except ImportError:  # pragma: no cover - aiortc comes with pipecat's webrtc extra
+        from pipecat.transports.smallwebrtc.transport import RawVideoTrack
+    except ImportError:  # pragma: no cover - the webrtc extra of pipecat is missing
         return False
     sender = rtcrtpsender.RTCRtpSender
-    ok = _patch_raw_audio_track(
-        "add_audio_bytes",
-        _anchor_media_time,
-        "RawAudioTrack (media time)",
-        _chunk_queue=deque,
-        _timestamp=int,
-        _bytes_per_10ms=int,
-    ) and _patch_raw_audio_track(
-        "recv", _note_handout, "RawAudioTrack (hand-out time)", _timestamp=int
-    )
-    ok = ok and _patch_pipecat(
-        sender,
-        "_send_rtcp",
-        lambda original: _media_time_reports(original, RtcpSrPacket),
-        "aiortc sender (RTCRtpSender's reports)",
-        "_RTCRtpSender__lsr" in sender._run_rtcp.__code__.co_names and hasattr(sender, "track"),
+    probe = RawVideoTrack(16, 16)
+    video_ok = isinstance(getattr(probe, "_video_buffer", None), asyncio.Queue)
+    ok = (
+        _patch_raw_audio_track(
+            "add_audio_bytes",
+            _anchor_media_time,
+            "RawAudioTrack (media time)",
+            _chunk_queue=deque,
+            _timestamp=int,
+            _bytes_per_10ms=int,
+        )
+        and _patch_raw_audio_track(
+            "recv", _note_audio_handout, "RawAudioTrack (hand-out time)", _timestamp=int
+        )
+        and _patch_pipecat(
+            RawVideoTrack, "add_video_frame", _note_image_added, "RawVideoTrack (in)", video_ok
+        )
+        and _patch_pipecat(
+            RawVideoTrack, "recv", _note_image_handout, "RawVideoTrack (out)", video_ok
+        )
+        and _patch_pipecat(
+            sender,
+            "_send_rtcp",
+            lambda original: _media_time_reports(original, RtcpSrPacket),
+            "aiortc sender (RTCRtpSender's reports)",
+            "_RTCRtpSender__lsr" in sender._run_rtcp.__code__.co_names and hasattr(sender, "track"),
+        )
     )
     _REPORTS_IN_MEDIA_TIME = _REPORTS_IN_MEDIA_TIME or ok
     return ok
@@ -381,7 +394,7 @@ def _anchor_media_time(original: Any) -> Any:
     return add_audio_bytes
 
 
-def _note_handout(original: Any) -> Any:
+def _note_audio_handout(original: Any) -> Any:
     async def recv(self: Any) -> Any:
         frame = await original(self)
         self._talkstream_handout = (int(frame.pts), time.time())
@@ -390,18 +403,56 @@ def _note_handout(original: Any) -> Any:
     return recv
 
 
+def _note_image_added(original: Any) -> Any:
+    def add_video_frame(self: Any, frame: Any) -> None:
+        added = self.__dict__.setdefault("_talkstream_added", deque(maxlen=256))
+        added.append(time.time())
+        original(self, frame)
+
+    return add_video_frame
+
+
+def _note_image_handout(original: Any) -> Any:
+    async def recv(self: Any) -> Any:
+        frame = await original(self)
+        added = self.__dict__.get("_talkstream_added")
+        if added:  # the track hands images out in the order they came
+            out = self.__dict__.setdefault("_talkstream_handouts", deque(maxlen=8))
+            out.append((time.time(), added.popleft()))
+        return frame
+
+    return recv
+
+
+_NTP_UNIX_S = 2_208_988_800  # NTP's epoch (1900) to Unix time's (1970)
+
+
+def _report_shift(track: Any, ntp_timestamp: int) -> float | None:
+    """Seconds to move a sender report of ``track`` by, or None to leave it."""
+    anchor = getattr(track, "_talkstream_anchor", None)
+    handout = getattr(track, "_talkstream_handout", None)
+    if anchor is not None and handout is not None:  # audio
+        # The content handed out last is due at its anchor's time + its distance in samples;
+        # it left at its hand-out time: the report moves by the difference.
+        (a_pts, a_due), (h_pts, h_time) = anchor, handout
+        return float(a_due + (h_pts - a_pts) / track._sample_rate - h_time)
+    handouts = getattr(track, "__dict__", {}).get("_talkstream_handouts")
+    if handouts:  # video
+        # The report's packet belongs to the last image handed out before it was sent (the
+        # encoder takes less than a frame period): it is due when it came to the track.
+        sent = ntp_timestamp / (1 << 32) - _NTP_UNIX_S
+        before = [added for t, added in handouts if t <= sent]
+        if before:
+            return float(before[-1] - sent)
+    return None
+
+
 def _media_time_reports(original: Any, report_type: type) -> Any:
     async def _send_rtcp(self: Any, packets: list[Any]) -> None:
-        track = self.track
-        anchor = getattr(track, "_talkstream_anchor", None)
-        handout = getattr(track, "_talkstream_handout", None)
-        if anchor is not None and handout is not None:
-            # The content handed out last is due at anchor time + its distance in samples;
-            # it left at its hand-out time: the report moves by the difference.
-            (a_pts, a_due), (h_pts, h_time) = anchor, handout
-            shift = a_due + (h_pts - a_pts) / track._sample_rate - h_time
-            for p in packets:
-                if isinstance(p, report_type) and p.ssrc == self._ssrc:
+        for p in packets:
+            if isinstance(p, report_type) and p.ssrc == self._ssrc:
+                shift = _report_shift(self.track, p.sender_info.ntp_timestamp)
+                if shift is not None:
                     info = p.sender_info
                     info.ntp_timestamp = (info.ntp_timestamp + round(shift * (1 << 32))) % (1 << 64)
                     # aiortc matches the receiver's echo of the report against this (RTT).
