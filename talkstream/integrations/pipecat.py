@@ -10,10 +10,12 @@ re-emits that speech, paced in real time, together with the avatar's video: ever
 ``OutputImageRawFrame`` (RGB, 25 fps) and, while the avatar speaks, the 40 ms of speech that
 frame shows, as a 48 kHz mono ``TTSAudioRawFrame``. Both come from one
 :class:`~talkstream.streaming.tracks.AvatarStream` in ``presenter`` mode and one media clock,
-so lips and voice leave the service together; the speech is delayed by the stream's latency
-budget (the model's lookahead plus render time, ~165 ms for ``tiny``). The TTS audio itself is
-not passed on: the transport would play it twice. ``TTSStartedFrame`` / ``TTSStoppedFrame``
-are re-emitted where the paced speech they bracket starts and ends, so the transport's "bot
+so lips and voice leave the service together (or the voice ``audio_lead_ms`` ahead, for a
+transport whose sender reports say so: :mod:`talkstream.integrations.smallwebrtc`); the speech
+is delayed by the stream's latency budget (the model's lookahead plus render time, ~165 ms
+for ``tiny``). The TTS audio itself is not passed on: the transport would play it twice.
+``TTSStartedFrame`` / ``TTSStoppedFrame`` are re-emitted where the paced speech they bracket
+starts and ends, so the transport's "bot
 speaking" state follows what the user hears; every other frame passes through at once, in
 order.
 
