@@ -237,9 +237,8 @@ async def test_a_voice_lead_sends_each_block_ahead_of_the_image_that_shows_it(
     # Each block's due time, noted for SmallWebRTC's sender reports, is when its image went.
     late = []
     for _, f in audio:
-        due = next(
-            (d for i in range(0, 3840, 960) if (d := MEDIA_TIMES.take(f.audio[i : i + 960]))), None
-        )
+        taken = (MEDIA_TIMES.take(f.audio[i : i + 960]) for i in range(0, 3840, 960))
+        due = next((t[0] for t in taken if t is not None), None)
         image = images.get(f.metadata[META_KEY]["index"])
         if due is not None and image is not None:
             late.append(log.wall[id(image)] - due)

@@ -202,12 +202,12 @@ def test_media_times_are_noted_per_10_ms_and_taken_once() -> None:
     block = rng.integers(-3000, 3000, 1920, dtype=np.int16)
     block[480:960] = 0  # a silent 10 ms inside: not noted (every silent piece looks alike)
     raw = block.tobytes()
-    times.note(raw, 100.0)
+    times.note(raw, 100.0, lead=0.04)  # sent 40 ms ahead of its image
     pieces = [raw[i : i + 960] for i in range(0, 3840, 960)]
-    assert times.take(pieces[2]) == pytest.approx(100.02)  # 10 ms later per piece
+    assert times.take(pieces[2]) == pytest.approx((100.02, 99.98))  # 10 ms later per piece
     assert times.take(pieces[2]) is None  # taken once
     assert times.take(pieces[1]) is None  # silence
-    assert times.take(pieces[0]) == pytest.approx(100.0)
+    assert times.take(pieces[0]) == pytest.approx((100.0, 99.96))
     # Bounded: the oldest pieces go first.
     for k in range(4):
         times.note(rng.integers(-3000, 3000, 1920, dtype=np.int16).tobytes(), 200.0 + k)
@@ -327,3 +327,39 @@ async def test_video_sender_reports_say_when_each_image_came() -> None:
         task.cancel()
         await tx.close()
         await rx.close()
+
+
+async def test_catch_up_in_pauses_drops_silence_from_a_held_voice_never_speech() -> None:
+    from pipecat.transports.smallwebrtc.transport import RawAudioTrack
+
+    from talkstream.integrations.smallwebrtc import MEDIA_TIMES, catch_up_in_pauses
+
+    assert catch_up_in_pauses() and catch_up_in_pauses()  # idempotent
+    rng = np.random.default_rng(3)
+
+    def speech() -> bytes:
+        return rng.integers(-8000, 8000, 1920, dtype=np.int16).tobytes()
+
+    def run(held_s: float) -> tuple[list[bytes], Any]:
+        """A word, a 40 ms pause, a word: the service sent them ``held_s`` ago."""
+        track = RawAudioTrack(48_000)
+        track._start -= 60.0  # behind its schedule: recv() hands chunks out at once
+        blocks = [speech(), bytes(3840), speech()]
+        sent = time.time() - held_s
+        for k, block in enumerate(blocks):
+            MEDIA_TIMES.note(block, sent + 0.04 * k)
+            track.add_audio_bytes(block)
+        return blocks, track
+
+    blocks, track = run(0.3)  # held 300 ms: the pause goes
+    out = [await track.recv() for _ in range(8)]
+    pcm = b"".join(f.to_ndarray().tobytes() for f in out)
+    assert pcm == blocks[0] + blocks[2]
+    assert [f.pts for f in out] == [480 * k for k in range(8)]  # contiguous: no gap
+    # The reports' anchor moved with it: the second word is due where it was.
+    a_pts, a_due, _ = track._talkstream_anchor
+    assert a_pts == 1920 and a_due == pytest.approx(time.time() - 0.3 + 0.08, abs=0.05)
+
+    blocks, track = run(0.0)  # on time: the pause stays whole
+    out = [await track.recv() for _ in range(12)]
+    assert b"".join(f.to_ndarray().tobytes() for f in out) == b"".join(blocks)

@@ -90,6 +90,7 @@ from talkstream.engine.pipeline import Engine
 from talkstream.integrations.smallwebrtc import (
     MEDIA_TIMES,
     META_KEY,
+    catch_up_in_pauses,
     drop_smallwebrtc_audio_on_interruption,
     prompt_live_video,
     reports_in_media_time,
@@ -555,7 +556,8 @@ class TalkstreamVideoService(FrameProcessor):
             }
             # When its content is due: when the image showing it goes out (for sender
             # reports in media time, see talkstream.integrations.smallwebrtc).
-            MEDIA_TIMES.note(audio.audio, time.time() + self._lead / OUT_RATE_HZ)
+            lead = self._lead / OUT_RATE_HZ
+            MEDIA_TIMES.note(audio.audio, time.time() + lead, lead=lead)
             await self.push_frame(audio)
             self.last_speech_emitted_at = time.monotonic()
         await self._emit_controls(vb, before_audio=False)
@@ -672,6 +674,7 @@ __all__ = [
     "EspeakTTSService",
     "TalkstreamVideoService",
     # SmallWebRTC's fixes (talkstream.integrations.smallwebrtc), here too for convenience
+    "catch_up_in_pauses",
     "drop_smallwebrtc_audio_on_interruption",
     "prompt_live_video",
     "sender_reports_in_media_time",

@@ -193,14 +193,15 @@ def tune_smallwebrtc() -> bool:
     """All of this module's fixes to pipecat's SmallWebRTC output, for every connection of the
     process (call once, before the transports are made): :func:`steady_smallwebrtc_audio`,
     :func:`skip_late_silence`, :func:`prompt_live_video`,
-    :func:`drop_smallwebrtc_audio_on_interruption` and :func:`sender_reports_in_media_time`.
-    True when all five took effect."""
+    :func:`drop_smallwebrtc_audio_on_interruption`, :func:`sender_reports_in_media_time` and
+    :func:`catch_up_in_pauses`. True when all six took effect."""
     results = [
         steady_smallwebrtc_audio(),
         skip_late_silence(),
         prompt_live_video(),
         drop_smallwebrtc_audio_on_interruption(),
         sender_reports_in_media_time(),
+        catch_up_in_pauses(),
     ]
     return all(results)
 
@@ -272,7 +273,8 @@ async def _prompt_video_is_live_handler(self: Any) -> None:
 
 class MediaTimes:
     """When the content of each recent speech block is due: the wall time (``time.time()``)
-    at which the service sends the image that shows it, by the digest of each 10 ms of it.
+    at which the service sends the image that shows it, and when the service sent the speech
+    itself (``lead`` earlier), by the digest of each 10 ms of it.
 
     The service notes every speech block it emits (:meth:`note`); the audio track looks its
     chunks up as pipecat hands them over (:meth:`take`). Digests, because pipecat's output
@@ -284,28 +286,30 @@ class MediaTimes:
     PIECE_BYTES = 960  # 10 ms of 48 kHz mono int16
 
     def __init__(self, size: int = 1024) -> None:
-        self._due: OrderedDict[bytes, float] = OrderedDict()
+        self._due: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
         self._size = size
 
     @staticmethod
     def _key(piece: bytes) -> bytes:
         return hashlib.blake2b(piece, digest_size=12).digest()
 
-    def note(self, pcm: bytes, due: float, rate: int = 48_000) -> None:
-        """``pcm`` (48 kHz mono int16) is due at ``due``; each 10 ms of it 10 ms later."""
+    def note(self, pcm: bytes, due: float, *, lead: float = 0.0, rate: int = 48_000) -> None:
+        """``pcm`` (48 kHz mono int16), sent ``lead`` s ahead of its image, is due at ``due``;
+        each 10 ms of it 10 ms later."""
         n = self.PIECE_BYTES
         for i in range(0, len(pcm) - n + 1, n):
             piece = pcm[i : i + n]
             if not piece.strip(b"\0"):
                 continue
             key = self._key(piece)
-            self._due[key] = due + (i // 2) / rate
+            at = due + (i // 2) / rate
+            self._due[key] = (at, at - lead)
             self._due.move_to_end(key)
         while len(self._due) > self._size:
             self._due.popitem(last=False)
 
-    def take(self, piece: bytes) -> float | None:
-        """When the 10 ms ``piece`` is due (and forget it), or None if it was never noted."""
+    def take(self, piece: bytes) -> tuple[float, float] | None:
+        """(due, sent) of the 10 ms ``piece`` (and forget it), or None if never noted."""
         if not piece.strip(b"\0"):
             return None
         return self._due.pop(self._key(piece), None)
@@ -384,11 +388,11 @@ def reports_in_media_time() -> bool:
 
 def _anchor_media_time(original: Any) -> Any:
     def add_audio_bytes(self: Any, audio_bytes: bytes) -> Any:
-        due = MEDIA_TIMES.take(audio_bytes[: self._bytes_per_10ms])
-        if due is not None:
+        times = MEDIA_TIMES.take(audio_bytes[: self._bytes_per_10ms])
+        if times is not None:
             # Where its first sample lands: after what the track already holds.
             queued = sum(len(chunk) for chunk, _ in self._chunk_queue) // 2
-            self._talkstream_anchor = (self._timestamp + queued, due)
+            self._talkstream_anchor = (self._timestamp + queued, *times)
         return original(self, audio_bytes)
 
     return add_audio_bytes
@@ -427,6 +431,60 @@ def _note_image_handout(original: Any) -> Any:
 _NTP_UNIX_S = 2_208_988_800  # NTP's epoch (1900) to Unix time's (1970)
 
 
+CATCH_UP_S = 0.02  # catch_up_in_pauses(): a voice held longer than this loses silent 10 ms
+
+
+def catch_up_in_pauses() -> bool:
+    """Let SmallWebRTC's audio track drop silence from a voice it holds too long.
+
+    Whatever pipecat's output queue and audio track hold when a turn starts stays for the
+    whole turn: the voice is then sent in real time, one block per block, and the backlog
+    never drains (measured with ``benchmarks/experiments/pipecat_stages.py``: 15-120 ms per
+    connection, set by the first blocks of the first turn). Reports in media time let
+    Chromium delay the face to match, but only after seconds, and at the cost of latency.
+    With this, when the next queued 10 ms is silence inside speech (a pause between words or
+    sentences) and the voice at the head of the queue was sent by the service more than
+    ``CATCH_UP_S`` ago, that 10 ms is dropped: the pause is 10 ms shorter and the voice after
+    it leaves 10 ms sooner, until it is on time. Speech is never dropped, nor silence the
+    service did not send (the track's own, between turns).
+
+    Needs :func:`sender_reports_in_media_time` (it knows when the service sent the voice);
+    patches pipecat's ``RawAudioTrack``. Idempotent; False, changing nothing, when the track
+    no longer looks as expected.
+    """
+    return sender_reports_in_media_time() and _patch_raw_audio_track(
+        "recv",
+        _catch_up,
+        "RawAudioTrack (catch up)",
+        _chunk_queue=deque,
+        _timestamp=int,
+        _sample_rate=int,
+        _samples_per_10ms=int,
+    )
+
+
+def _catch_up(original: Any) -> Any:
+    async def recv(self: Any) -> Any:
+        queue = self._chunk_queue
+        anchor = getattr(self, "_talkstream_anchor", None)
+        if anchor is not None:
+            a_pts, a_due, a_sent = anchor
+            while len(queue) > 1 and not queue[0][0].strip(b"\0"):
+                # When the service sent the head of the queue (the voice goes out contiguous).
+                sent = a_sent + (self._timestamp - a_pts) / self._sample_rate
+                if time.time() - sent <= CATCH_UP_S:
+                    break
+                _chunk, future = queue.popleft()
+                if future is not None and not future.done():
+                    future.set_result(True)
+                # What follows now goes out 10 ms sooner.
+                a_pts -= self._samples_per_10ms
+            self._talkstream_anchor = (a_pts, a_due, a_sent)
+        return await original(self)
+
+    return recv
+
+
 def _report_shift(track: Any, ntp_timestamp: int) -> float | None:
     """Seconds to move a sender report of ``track`` by, or None to leave it."""
     anchor = getattr(track, "_talkstream_anchor", None)
@@ -434,7 +492,7 @@ def _report_shift(track: Any, ntp_timestamp: int) -> float | None:
     if anchor is not None and handout is not None:  # audio
         # The content handed out last is due at its anchor's time + its distance in samples;
         # it left at its hand-out time: the report moves by the difference.
-        (a_pts, a_due), (h_pts, h_time) = anchor, handout
+        (a_pts, a_due, _sent), (h_pts, h_time) = anchor, handout
         return float(a_due + (h_pts - a_pts) / track._sample_rate - h_time)
     handouts = getattr(track, "__dict__", {}).get("_talkstream_handouts")
     if handouts:  # video
@@ -463,9 +521,11 @@ def _media_time_reports(original: Any, report_type: type) -> Any:
 
 
 __all__ = [
+    "CATCH_UP_S",
     "MEDIA_TIMES",
     "META_KEY",
     "MediaTimes",
+    "catch_up_in_pauses",
     "drop_smallwebrtc_audio_on_interruption",
     "prompt_live_video",
     "reports_in_media_time",
