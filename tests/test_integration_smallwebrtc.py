@@ -344,7 +344,8 @@ async def test_catch_up_in_pauses_drops_silence_from_a_held_voice_never_speech()
         """A word, a 40 ms pause, a word: the service sent them ``held_s`` ago."""
         track = RawAudioTrack(48_000)
         track._start -= 60.0  # behind its schedule: recv() hands chunks out at once
-        blocks = [speech(), bytes(3840), speech()]
+        pause = rng.integers(-3, 4, 1920, dtype=np.int16).tobytes()  # a resampler's ringing
+        blocks = [speech(), pause, speech()]
         sent = time.time() - held_s
         for k, block in enumerate(blocks):
             MEDIA_TIMES.note(block, sent + 0.04 * k)

@@ -195,6 +195,7 @@ class Recorder:
         self.queue_speech: list[tuple[float, float]] = []  # service._queue_speech: (t, s)
         self.yield_after_speech = False  # a variant: the service yields after each TTS chunk
         self.rtp_sent: list[tuple[float, int]] = []  # (t, payload type) of each RTP packet
+        self.audio_track: Any = None  # pipecat's audio track of the connection
 
 
 def install(rec: Recorder, variant: str) -> None:
@@ -225,6 +226,7 @@ def install(rec: Recorder, variant: str) -> None:
     def ainit(self: Any, *a: Any, **kw: Any) -> None:
         orig_init(self, *a, **kw)
         rec.audio_created = time.monotonic()
+        rec.audio_track = self
 
     async def arecv(self: Any) -> Any:
         f = await orig_arecv(self)
@@ -375,6 +377,13 @@ def _lead(ms: float) -> Any:
     return variant
 
 
+def _no_catch_up(rec: Recorder) -> None:
+    """The example's catch_up_in_pauses() made a no-op (the voice's backlog stays)."""
+    import talkstream.integrations.smallwebrtc as sw
+
+    sw.catch_up_in_pauses = lambda: False  # type: ignore[assignment]
+
+
 def _wall_reports(rec: Recorder) -> None:
     """aiortc's own sender reports (wall time at sending): the example's
     sender_reports_in_media_time() made a no-op (so no lead either)."""
@@ -389,6 +398,7 @@ VARIANTS = {
     "lead_80": _lead(80.0),
     "lead_120": _lead(120.0),
     "wall_reports": _wall_reports,
+    "no_catch_up": _no_catch_up,
     "pipecat_silence": _pipecat_silence,
     "yield_speech": _yield_speech,
     "jb_video": _jb_video,
@@ -1012,6 +1022,9 @@ def analyse(rec: Recorder, got: dict[str, Any], meter: MouthMeter) -> dict[str, 
             "underruns_in_speech": underruns(rec.audio_loud),
             **audio_path(rec, aus),
             "first_recv_after_creation_ms": round(1000 * (aus[0, 0] - rec.audio_created)),
+            "pause_dropped_ms": round(
+                1000 * getattr(rec.audio_track, "_talkstream_dropped_s", 0.0)
+            ),
             "pts_ahead_of_wall_ms_max": round(1000 * float(ahead.max())),
             "pts_ahead_of_wall_ms_at_1s": round(
                 1000 * float(ahead[np.searchsorted(aus[:, 0], aus[0, 0] + 1.0)])

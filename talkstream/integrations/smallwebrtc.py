@@ -23,6 +23,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # Metadata key on the service's frames: {"index": video frame, "media_s": its start on the
@@ -432,6 +434,7 @@ _NTP_UNIX_S = 2_208_988_800  # NTP's epoch (1900) to Unix time's (1970)
 
 
 CATCH_UP_S = 0.02  # catch_up_in_pauses(): a voice held longer than this loses silent 10 ms
+PAUSE_LEVEL = 100  # catch_up_in_pauses(): 10 ms whose samples all stay below this (-50 dBFS)
 
 
 def catch_up_in_pauses() -> bool:
@@ -443,10 +446,11 @@ def catch_up_in_pauses() -> bool:
     connection, set by the first blocks of the first turn). Reports in media time let
     Chromium delay the face to match, but only after seconds, and at the cost of latency.
     With this, when the next queued 10 ms is silence inside speech (a pause between words or
-    sentences) and the voice at the head of the queue was sent by the service more than
-    ``CATCH_UP_S`` ago, that 10 ms is dropped: the pause is 10 ms shorter and the voice after
-    it leaves 10 ms sooner, until it is on time. Speech is never dropped, nor silence the
-    service did not send (the track's own, between turns).
+    sentences: every sample below ``PAUSE_LEVEL``, -50 dBFS) and the voice at the head of the
+    queue was sent by the service more than ``CATCH_UP_S`` ago, that 10 ms is dropped: the
+    pause is 10 ms shorter and the voice after it leaves 10 ms sooner, until it is on time.
+    Speech is never dropped, nor silence the service did not send (the track's own, between
+    turns).
 
     Needs :func:`sender_reports_in_media_time` (it knows when the service sent the voice);
     patches pipecat's ``RawAudioTrack``. Idempotent; False, changing nothing, when the track
@@ -463,13 +467,18 @@ def catch_up_in_pauses() -> bool:
     )
 
 
+def _is_pause(chunk: bytes) -> bool:
+    """A silent 10 ms (a resampled pause is not all zeros: the filter rings at +-a few)."""
+    return int(np.abs(np.frombuffer(chunk, dtype=np.int16)).max()) < PAUSE_LEVEL
+
+
 def _catch_up(original: Any) -> Any:
     async def recv(self: Any) -> Any:
         queue = self._chunk_queue
         anchor = getattr(self, "_talkstream_anchor", None)
         if anchor is not None:
             a_pts, a_due, a_sent = anchor
-            while len(queue) > 1 and not queue[0][0].strip(b"\0"):
+            while len(queue) > 1 and _is_pause(queue[0][0]):
                 # When the service sent the head of the queue (the voice goes out contiguous).
                 sent = a_sent + (self._timestamp - a_pts) / self._sample_rate
                 if time.time() - sent <= CATCH_UP_S:
@@ -479,6 +488,7 @@ def _catch_up(original: Any) -> Any:
                     future.set_result(True)
                 # What follows now goes out 10 ms sooner.
                 a_pts -= self._samples_per_10ms
+                self._talkstream_dropped_s = getattr(self, "_talkstream_dropped_s", 0.0) + 0.01
             self._talkstream_anchor = (a_pts, a_due, a_sent)
         return await original(self)
 
@@ -524,6 +534,7 @@ __all__ = [
     "CATCH_UP_S",
     "MEDIA_TIMES",
     "META_KEY",
+    "PAUSE_LEVEL",
     "MediaTimes",
     "catch_up_in_pauses",
     "drop_smallwebrtc_audio_on_interruption",
