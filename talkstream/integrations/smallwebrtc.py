@@ -411,7 +411,8 @@ def _note_audio_handout(original: Any) -> Any:
 
 def _note_image_added(original: Any) -> Any:
     def add_video_frame(self: Any, frame: Any) -> None:
-        added = self.__dict__.setdefault("_talkstream_added", deque(maxlen=256))
+        # One entry per queued image (unbounded as the track's queue is: they pair up by order).
+        added = self.__dict__.setdefault("_talkstream_added", deque())
         added.append(time.time())
         original(self, frame)
 
