@@ -15,9 +15,8 @@ transport whose sender reports say so: :mod:`talkstream.integrations.smallwebrtc
 is delayed by the stream's latency budget (the model's lookahead plus render time, ~165 ms
 for ``tiny``). The TTS audio itself is not passed on: the transport would play it twice.
 ``TTSStartedFrame`` / ``TTSStoppedFrame`` are re-emitted where the paced speech they bracket
-starts and ends, so the transport's "bot
-speaking" state follows what the user hears; every other frame passes through at once, in
-order.
+starts and ends, so the transport's "bot speaking" state follows what the user hears; every
+other frame passes through at once, in order.
 
 With no speech queued the face idles (blinks, breathes, sways): the engine renders silence as
 idle motion. An ``InterruptionFrame`` (the user barges in) drops the queued speech and cuts the
