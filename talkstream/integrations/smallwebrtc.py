@@ -324,10 +324,10 @@ def sender_reports_in_media_time() -> bool:
     """Let SmallWebRTC's RTCP sender reports tell when the media they time is due.
 
     A receiver lines voice and face up by the sender reports: each maps an RTP timestamp to
-    a wall-clock time, and Chromium delays whichever of audio and video is ahead. aiortc maps
-    a packet to the time it *sent* it. For the images that is after the VP8 encoder (15-25 ms
-    on a 2-core CPU); for the voice, after pipecat's output queue and audio track held each
-    speech block 20-120 ms, a different amount per connection (measured with
+    a wall-clock time, and Chromium delays the video while the voice is behind. aiortc maps
+    a packet to the time it *sent* it. For the images that is after the VP8 encoder; for the
+    voice, after pipecat's output queue and audio track held each speech block 15-120 ms, a
+    different amount per connection (measured with
     ``benchmarks/experiments/pipecat_stages.py``), and the service may send the voice ahead of
     its images on purpose (``TalkstreamVideoService(audio_lead_ms=...)``). With this, every
     report says when its media is due: for an image, when it was handed to the video track
