@@ -175,9 +175,9 @@ class TalkstreamVideoService(FrameProcessor):
             jitter buffer starts at ~80 ms, its video's near 0). Only worth it when the
             transport's sender reports say when the voice is due, which
             :func:`tune_smallwebrtc` makes SmallWebRTC's do; otherwise the receiver's own lip
-            sync undoes the lead (and adds delay). Default: ``SMALLWEBRTC_AUDIO_LEAD_MS`` (40)
-            once :func:`sender_reports_in_media_time` has taken effect in the process, else
-            ``stream_config.audio_lead_ms`` (0).
+            sync undoes the lead (and adds delay). Default: ``stream_config.audio_lead_ms``
+            when a ``stream_config`` is given; else ``SMALLWEBRTC_AUDIO_LEAD_MS`` (40) once
+            :func:`sender_reports_in_media_time` has taken effect in the process, else 0.
         warmup: render a second of frames at setup, so the first user frame pays no warm-up
             (engines the service loads itself only).
         **kwargs: passed to ``FrameProcessor`` (``name``...).

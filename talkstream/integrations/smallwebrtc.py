@@ -477,8 +477,9 @@ def _catch_up(original: Any) -> Any:
     async def recv(self: Any) -> Any:
         queue = self._chunk_queue
         anchor = getattr(self, "_talkstream_anchor", None)
-        if anchor is not None:
+        if anchor is not None and len(queue) > 1:
             a_pts, a_due, a_sent = anchor
+            dropped = False
             while len(queue) > 1 and _is_pause(queue[0][0]):
                 # When the service sent the head of the queue (the voice goes out contiguous).
                 sent = a_sent + (self._timestamp - a_pts) / self._sample_rate
@@ -489,8 +490,10 @@ def _catch_up(original: Any) -> Any:
                     future.set_result(True)
                 # What follows now goes out 10 ms sooner.
                 a_pts -= self._samples_per_10ms
+                dropped = True
                 self._talkstream_dropped_s = getattr(self, "_talkstream_dropped_s", 0.0) + 0.01
-            self._talkstream_anchor = (a_pts, a_due, a_sent)
+            if dropped:
+                self._talkstream_anchor = (a_pts, a_due, a_sent)
         return await original(self)
 
     return recv
