@@ -90,9 +90,15 @@ def speech_wav(out: Path, seconds: float) -> Path:
 
 
 def offline(
-    engine: Any, avatar: Any, x: np.ndarray, rate: int, meter: MouthMeter
+    engine: Any,
+    avatar: Any,
+    x: np.ndarray,
+    rate: int,
+    meter: MouthMeter,
+    span: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Render the speech as ``talkstream render`` does; r of dlib's mouth and of the model's."""
+    """Render the speech as ``talkstream render`` does; r of dlib's mouth and of the model's
+    (also over frames ``span`` = [start, end) alone, when given: the part a browser showed)."""
     from talkstream.streaming.tracks import _inner_lip_opening
 
     session = engine.session(avatar)
@@ -110,13 +116,18 @@ def offline(
     lm_open = np.array([_inner_lip_opening(f.landmarks) for f in frames])
     env = envelope(x, rate, len(frames))
     r_loop, _ = loop_r(dlib_open, env)  # the browser's measure: best start within the loop
-    return {
+    out: dict[str, Any] = {
         "frames": len(frames),
         "detected": round(float(np.isfinite(dlib_open).mean()), 3),
         "dlib_vs_speech_r": None if r_loop is None else round(r_loop, 3),
         "dlib": lagged_r(dlib_open, env).as_dict(),
         "landmarks": lagged_r(lm_open, env).as_dict(),
     }
+    if span is not None:
+        a, b = max(span[0], 0), min(span[1], len(frames))
+        out["span"] = [a, b]
+        out["dlib_span"] = lagged_r(dlib_open[a:b], env[a:b]).as_dict()
+    return out
 
 
 def loop_r(series: np.ndarray, env_loop: np.ndarray) -> tuple[float | None, int | None]:
@@ -323,6 +334,7 @@ async def pipecat_run(
     )
     await agent.load()
     runner, url = await listen_on_loopback(agent.app())
+    sent = SentAudioRecorder()
     try:
         async with async_playwright() as p:
             ctx = await p.chromium.launch_persistent_context(
@@ -349,12 +361,43 @@ async def pipecat_run(
                 got["service"] = service_traces(agent)
                 got["spoken"] = spoken_audio(writes)
                 got["avatar"] = agent.avatar
+                got["sent"] = sent.chunks, sent.rate
             finally:
                 await ctx.close()
     finally:
+        sent.stop()
         await runner.cleanup()
         await agent.close()
     return got
+
+
+class SentAudioRecorder:
+    """Every chunk pipecat's SmallWebRTC audio track hands to aiortc's encoder (its pts and
+    samples), for the played voice's exact envelope. Installed over the example's own tuning
+    (kept, and marked as applied), removed by :meth:`stop`."""
+
+    def __init__(self) -> None:
+        import pipecat.transports.smallwebrtc.transport as tr
+
+        from talkstream.integrations.smallwebrtc import tune_smallwebrtc
+
+        tune_smallwebrtc()  # what the example applies for each connection: first, then ours
+        self.cls, self.original = tr.RawAudioTrack, tr.RawAudioTrack.recv
+        self.chunks: list[tuple[int, np.ndarray]] = []
+        self.rate = 0
+        original, rec = self.original, self
+
+        async def recv(track: Any) -> Any:
+            frame = await original(track)
+            rec.rate = track._sample_rate
+            rec.chunks.append((int(frame.pts), frame.to_ndarray().reshape(-1).copy()))
+            return frame
+
+        recv._talkstream_patches = getattr(original, "_talkstream_patches", frozenset())  # type: ignore[attr-defined]
+        self.cls.recv = recv
+
+    def stop(self) -> None:
+        self.cls.recv = self.original
 
 
 async def record_timeline(agent: Any) -> list[tuple[int, np.ndarray]]:
@@ -432,7 +475,9 @@ def service_r(service: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"stats": service["stats"], "landmarks": lagged_r(grid, env).as_dict()}
 
 
-def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
+def analyse_pipecat(
+    raw: dict[str, Any], meter: MouthMeter, spoken: np.ndarray | None = None
+) -> dict[str, Any]:
     """dlib's mouth on the presented frames against the voice the page heard (best shift)."""
     x0, y0, x1, y1 = raw["faceBox"]
     t = np.array([f[0] for f in raw["faces"]], dtype=np.float64) / 1000
@@ -465,7 +510,8 @@ def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
     presented = np.asarray(raw["presented"], dtype=np.float64)
     # The same against the voice at Chromium's playout (js/playout.js), without the page's Web
     # Audio probe and its own buffering in between.
-    played = np.asarray(raw.get("played") or [], dtype=np.float64).reshape(-1, 2)
+    playout_rows = np.asarray(raw.get("played") or [], dtype=np.float64).reshape(-1, 3)
+    played = playout_rows[:, :2]
     r_played, shift_played = voice_r(t[0], n, mouth, played) if len(played) > 50 else (None, None)
     return {
         "presented": presented_stats(list(presented), []),
@@ -475,8 +521,79 @@ def analyse_pipecat(raw: dict[str, Any], meter: MouthMeter) -> dict[str, Any]:
         "dlib_vs_played_voice_r": r_played,
         "played_voice_after_mouth_ms": shift_played,
         "by_window": [{"r": w_r, "voice_after_mouth_ms": w_s} for w_r, w_s in windows],
+        "exact": exact_played(raw.get("sent"), playout_rows, t, opening),
+        "shown_vs_spoken": shown_vs_spoken(spoken, t, opening),
         "service": service_r(raw.get("service")),
     }
+
+
+def shown_vs_spoken(spoken: np.ndarray | None, t: np.ndarray, opening: np.ndarray) -> Any:
+    """``serve``'s measure on the pipecat path: the mouth shown during each 40 ms against the
+    envelope of the audio the service spoke, at the best single alignment (no voice playout in
+    between: what the face does with the speech, as the serve benchmark scores it against the
+    microphone's file). None without the audio."""
+    from talkstream.benchmarking.lipsync import cell_mean
+
+    if spoken is None or len(spoken) == 0:
+        return None
+    n = int((t[-1] - t[0]) * FPS)
+    shown = cell_mean(t, opening, t[0], n)
+    x = np.asarray(spoken, np.float64) / 32768
+    best: tuple[float, int] | None = None
+    for phase_s in (0.0, 0.01, 0.02, 0.03):  # 10 ms steps, as the played voice's search
+        # The capture may start before the first speech: the timeline was silent then.
+        env = np.concatenate([np.zeros(n), envelope(x, 48_000, offset_s=phase_s)])
+        for k in range(0, max(len(env) - int(0.8 * n), 0) + 1):
+            seg = env[k : k + n]
+            r = pearson(shown[: len(seg)], seg)
+            if r is not None and (best is None or r > best[0]):
+                best = (r, k - n)
+    if best is None:
+        return None
+    # Frames [start, end) of the audio spoken (its offline render's frames) were on screen.
+    return {"r": round(best[0], 3), "frames": [best[1], best[1] + n]}
+
+
+def exact_played(
+    sent_raw: tuple[list[tuple[int, np.ndarray]], int] | None,
+    playout_rows: np.ndarray,
+    t: np.ndarray,
+    opening: np.ndarray,
+) -> dict[str, Any]:
+    """The measure of the offline render, on what Chromium showed and played: the mouth shown
+    during each 40 ms (time-weighted over the presented frames) against the RMS of the voice
+    played during it (the audio the service sent, at the RTP time Chromium was playing).
+    Best shift in 10 ms steps within the offline's lag range (+-240 ms)."""
+    from talkstream.benchmarking.lipsync import (
+        Playout,
+        SentAudio,
+        best_shift_r,
+        cell_mean,
+        match_playout,
+        played_envelope,
+    )
+
+    playout = Playout.from_records(playout_rows.tolist())
+    if not sent_raw or not sent_raw[0] or playout is None:
+        return {}
+    sent = SentAudio.from_chunks(*sent_raw)
+    match = match_playout(sent, playout)
+    out: dict[str, Any] = {"match_r": None if match is None else round(match[1], 3)}
+    if match is None or match[1] < 0.8:  # the levels do not line up: no trustworthy map
+        return out
+    n = int((t[-1] - t[0]) * FPS)
+    shown = cell_mean(t, opening, t[0], n)
+    envs = {
+        s: played_envelope(sent, playout, match[0], t[0] + s / 1000, n)
+        for s in range(-240, 241, 10)
+    }
+    later = np.arange(n) >= 6 * FPS
+    for name, mask in (("all", np.ones(n, bool)), ("after_6s", later)):
+        best = best_shift_r(np.where(mask, shown, np.nan), envs.__getitem__, envs)
+        out[name] = (
+            None if best is None else {"r": round(best[0], 3), "voice_after_mouth_ms": best[1]}
+        )
+    return out
 
 
 def voice_r(
@@ -587,13 +704,17 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 (_, spoken), pc_avatar = raw.pop("spoken"), raw.pop("avatar")
-                row = analyse_pipecat(raw, meter)
+                row = analyse_pipecat(raw, meter, spoken)
                 # The fair comparison: the same engine rendering the very audio the service
                 # spoke in this run (the TTS's own pauses and timing included), offline.
                 print("offline render of the audio the service spoke ...", flush=True)
                 same = load_engine(EngineConfig(backend=a.backend))
                 try:
-                    row["offline_same_audio"] = offline(same, pc_avatar, spoken, 48_000, meter)
+                    shown = (row.get("shown_vs_spoken") or {}).get("frames")
+                    span = None if shown is None else (shown[0], shown[1])
+                    row["offline_same_audio"] = offline(
+                        same, pc_avatar, spoken, 48_000, meter, span
+                    )
                 finally:
                     same.close()
                 result.setdefault("pipecat", []).append(row)
@@ -613,6 +734,14 @@ def _median(xs: list[Any]) -> float | None:
 
 def _same(run: dict[str, Any], key: str) -> Any:
     return (run.get("offline_same_audio") or {}).get(key, {}).get("r")
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def _exact(run: dict[str, Any], part: str, key: str) -> Any:
+    return ((run.get("exact") or {}).get(part) or {}).get(key)
 
 
 def summarise(result: dict[str, Any], variants: list[str]) -> str:
@@ -660,9 +789,31 @@ def summarise(result: dict[str, Any], variants: list[str]) -> str:
             "| the same runs, the voice at Chromium's playout | "
             f"{_median([r.get('dlib_vs_played_voice_r') for r in runs])} | "
             f"{_median([r.get('played_voice_after_mouth_ms') for r in runs])} ms | - |",
-            "| offline render of the audio the service spoke (same runs) | "
-            f"{_median([_same(r, 'dlib') for r in runs])}"
-            " | - | - |",
+            "| the same runs, the voice Chromium played (the sent audio at the RTP time it "
+            "played) against the mouth shown in each 40 ms: the offline render's measure | "
+            f"{_median([_exact(r, 'all', 'r') for r in runs])} (from 6 s: "
+            f"{_median([_exact(r, 'after_6s', 'r') for r in runs])}) | "
+            f"{_median([_exact(r, 'all', 'voice_after_mouth_ms') for r in runs])} ms | - |",
+            "| the same runs, the mouth shown in each 40 ms against the audio the service "
+            "spoke (serve's measure: one alignment, no voice playout) | "
+            f"{_median([(r.get('shown_vs_spoken') or {}).get('r') for r in runs])} | - | - |",
+            "| offline render of the audio the service spoke (same runs): all of it / the part "
+            "the browser showed | "
+            f"{_median([_same(r, 'dlib') for r in runs])} / "
+            f"{_median([_same(r, 'dlib_span') for r in runs])} | - | - |",
+            "",
+            "Per run: the browser (the voice it played, the offline render's measure) against "
+            "the offline render of the same stretch of the same audio.",
+            "",
+            "| run | browser, voice played | browser, serve's measure | offline, same stretch "
+            "| difference |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {i + 1} | {_exact(r, 'all', 'r')} | "
+                f"{(r.get('shown_vs_spoken') or {}).get('r')} | {_same(r, 'dlib_span')} | "
+                f"{_diff(_same(r, 'dlib_span'), _exact(r, 'all', 'r'))} |"
+                for i, r in enumerate(runs)
+            ),
             "",
             "| model's mouth (landmarks) vs speech r, best lag | offline (script / the audio "
             "spoken) | pipecat service (its own timeline) | frames rendered / skipped |",

@@ -304,7 +304,7 @@ def analyse_browser(
     mt, md = to_wall(mouth[:, 0]), mouth[:, 1]
     voice = np.asarray(got["voice"], dtype=np.float64)
     vt, vl = to_wall(voice[:, 0]), voice[:, 1]
-    played = np.asarray(got.get("playout") or [], dtype=np.float64).reshape(-1, 2)
+    played = np.asarray(got.get("playout") or [], dtype=np.float64).reshape(-1, 3)[:, :2]
     pt, pl = to_wall(played[:, 0]), played[:, 1]
     first_audio = svc.first_audio_at
     # The still face's noise: frames before the first utterance (after the first second).

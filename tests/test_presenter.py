@@ -116,14 +116,19 @@ async def test_interrupt_and_websocket_push(warm_engine: Engine, default_avatar:
             assert stream.queued_samples == 0
             # Within the latency budget (plus a little) the avatar's voice is silent.
             t_int = time.monotonic()
-            await asyncio.sleep(stream.budget["total_s"] + 0.6)
             rec = viewer.received
-            late = [
-                r
-                for t, r in zip(rec.audio_arrivals, rec.audio_rms, strict=True)
-                if t > t_int + stream.budget["total_s"] + 0.3
-            ]
-            assert late and max(late) < 0.01
+
+            def late() -> list[float]:
+                after = t_int + stream.budget["total_s"] + 0.3
+                return [
+                    r for t, r in zip(rec.audio_arrivals, rec.audio_rms, strict=True) if t > after
+                ]
+
+            # 300 ms of the viewer's audio after that (a loaded machine may deliver it late).
+            deadline = t_int + stream.budget["total_s"] + 10.0
+            while len(late()) < 15 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(late()) >= 15 and max(late()) < 0.01
             early = [r for t, r in zip(rec.audio_arrivals, rec.audio_rms, strict=True) if t < t_int]
             assert max(early) > 0.05
             # HTTP interrupt: nothing left to drop.

@@ -169,3 +169,158 @@ def presented_stats(times_ms: Sequence[float], rtp: Sequence[int | None]) -> dic
         out["media_frames_missing"] = int(np.clip(steps - 1, 0, None).sum())
         out["media_frames_spanned"] = int(steps.sum()) + 1
     return out
+
+
+# -- The voice as the browser plays it, from the audio that was sent ---------------------------
+#
+# A browser's lip sync is judged against the voice it *plays*. Its level as the page can read
+# it is coarse (the RTP header's whole-dB level of one 10 ms frame per packet, or a Web Audio
+# probe with its own buffering). The sender knows the exact audio it handed to the encoder, and
+# the browser reports which RTP timestamp it is playing when (``getSynchronizationSources``):
+# together they give the played voice's envelope with the offline measure's precision and the
+# browser's own timing.
+
+RTP_AUDIO_RATE = 48_000  # Opus's RTP clock
+
+
+def cell_mean(times_s: np.ndarray, values: np.ndarray, t0: float, n: int) -> np.ndarray:
+    """The time-weighted mean of a step series over each 40 ms cell from ``t0``.
+
+    Value ``i`` holds from ``times_s[i]`` until ``times_s[i + 1]`` (the last for one frame
+    period): what a viewer sees of frames presented at those times. NaN values are left out;
+    a cell less than a quarter covered is NaN. (The offline render shows each frame for exactly
+    its cell, where this is the frame's own value.)
+    """
+    t = np.asarray(times_s, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if len(t) == 0:
+        return np.full(n, np.nan)
+    knots = np.append(t, t[-1] + FRAME_S)
+    dur = np.diff(knots)
+    ok = np.isfinite(v)
+    cum_v = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0) * dur)])
+    cum_w = np.concatenate([[0.0], np.cumsum(ok * dur)])
+    edges = t0 + np.arange(n + 1) * FRAME_S
+    sv, sw = np.diff(np.interp(edges, knots, cum_v)), np.diff(np.interp(edges, knots, cum_w))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sw >= FRAME_S / 4, sv / np.where(sw > 0, sw, 1.0), np.nan)
+
+
+@dataclass(frozen=True)
+class SentAudio:
+    """What a sender's audio track handed to the encoder: each chunk's start (s, the track's
+    clock) and its mean square (full scale 1)."""
+
+    start_s: np.ndarray
+    power: np.ndarray
+    chunk_s: float
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[tuple[int, np.ndarray]], rate: int) -> SentAudio:
+        """From (pts in samples at ``rate``, int16 samples) of equal-length chunks."""
+        chunks = sorted(chunks, key=lambda c: c[0])
+        start = np.array([pts / rate for pts, _ in chunks], dtype=np.float64)
+        power = np.array(
+            [float(np.mean((np.asarray(x, np.float64) / 32768.0) ** 2)) for _, x in chunks]
+        )
+        size = len(chunks[0][1]) if chunks else rate // 100
+        return cls(start, power, size / rate)
+
+    def power_at(self, t_s: np.ndarray) -> np.ndarray:
+        """Mean square of the chunk holding track time ``t_s`` (NaN outside what was sent)."""
+        t_s = np.asarray(t_s, dtype=np.float64)
+        j = np.searchsorted(self.start_s, t_s, side="right") - 1
+        jj = np.clip(j, 0, max(len(self.start_s) - 1, 0))
+        ok = (j >= 0) & np.isfinite(t_s)
+        ok &= np.where(ok, t_s - self.start_s[jj] < self.chunk_s, False)
+        out = np.full(t_s.shape, np.nan)
+        out[ok] = self.power[jj[ok]]
+        return out
+
+    def level_dbov(self, t_s: np.ndarray) -> np.ndarray:
+        """The RFC 6465 level (dBov, -127..0) a sender writes for the chunk at ``t_s``."""
+        p = self.power_at(t_s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            db = np.where(p > 0, 10 * np.log10(np.where(p > 0, p, 1.0)), -127.0)
+        return np.where(np.isfinite(p), np.clip(np.round(db), -127, 0), np.nan)
+
+
+@dataclass(frozen=True)
+class Playout:
+    """What a browser's audio receiver handed out for playout: when (page clock, s) and the
+    RTP timestamp (unwrapped, s of the 48 kHz clock from the first record) of each."""
+
+    t_s: np.ndarray
+    rtp_s: np.ndarray
+    level_dbov: np.ndarray
+
+    @classmethod
+    def from_records(cls, rows: Sequence[Sequence[float]]) -> Playout | None:
+        """From ``js/playout.js``'s [page ms, level 0..1, RTP timestamp] rows (None if they
+        carry no RTP timestamps)."""
+        a = np.asarray(rows, dtype=np.float64).reshape(-1, 3) if len(rows) else np.zeros((0, 3))
+        a = a[np.isfinite(a).all(axis=1)]
+        if len(a) < 10:
+            return None
+        a = a[np.argsort(a[:, 0], kind="stable")]
+        rtp = np.unwrap(a[:, 2], period=2.0**32)
+        with np.errstate(divide="ignore"):
+            db = np.where(a[:, 1] > 0, np.round(20 * np.log10(np.maximum(a[:, 1], 1e-7))), -127)
+        return cls(a[:, 0] / 1000, (rtp - rtp[0]) / RTP_AUDIO_RATE, db)
+
+    def playing(self, t_s: np.ndarray) -> np.ndarray:
+        """The RTP time being played at page time ``t_s``: the newest handed out, advanced in
+        real time since (NaN more than 100 ms after a hand-out: nothing is playing)."""
+        t_s = np.asarray(t_s, dtype=np.float64)
+        k = np.searchsorted(self.t_s, t_s, side="right") - 1
+        kk = np.clip(k, 0, None)
+        ok = (k >= 0) & (t_s - self.t_s[kk] < 0.1)
+        return np.where(ok, self.rtp_s[kk] + (t_s - self.t_s[kk]), np.nan)
+
+
+def match_playout(
+    sent: SentAudio, played: Playout, step_s: float = 0.01
+) -> tuple[float, float] | None:
+    """The offset ``o`` with RTP time ``rtp_s`` carrying the sent audio at track time
+    ``rtp_s + o``, found by matching the RTP header's levels the browser saw against the levels
+    of the sent chunks; with the match's r (near 1 when found). None when nothing matches."""
+    if len(sent.start_s) < 10:
+        return None
+    lo = sent.start_s[0] - played.rtp_s[-1]
+    hi = sent.start_s[-1] - played.rtp_s[0]
+    best: tuple[float, float] | None = None
+    for o in np.arange(lo, hi + step_s, step_s):
+        pred = sent.level_dbov(played.rtp_s + o)
+        ok = np.isfinite(pred)
+        if ok.sum() < max(50, len(pred) // 2):
+            continue
+        r = pearson(pred[ok], played.level_dbov[ok])
+        if r is not None and (best is None or r > best[1]):
+            best = (float(o), r)
+    return best
+
+
+def played_envelope(
+    sent: SentAudio, played: Playout, offset_s: float, t0: float, n: int
+) -> np.ndarray:
+    """RMS per 40 ms cell from page time ``t0`` of the voice the browser played (the sent
+    audio, at the RTP time it was playing; 5 ms steps). NaN where nothing was playing."""
+    sub = t0 + (np.arange(n * 8) + 0.5) * (FRAME_S / 8)
+    power = sent.power_at(played.playing(sub) + offset_s).reshape(n, 8)
+    ok = np.isfinite(power)
+    count = ok.sum(axis=1)
+    total = np.where(ok, power, 0.0).sum(axis=1)
+    return np.where(count >= 4, np.sqrt(total / np.maximum(count, 1)), np.nan)
+
+
+def best_shift_r(
+    mouth: np.ndarray, env_of: Any, shifts_ms: Iterable[int]
+) -> tuple[float, int] | None:
+    """The best r of ``mouth`` against ``env_of(shift_ms)`` (an envelope on the same cells,
+    the voice taken ``shift_ms`` later) over ``shifts_ms``: (r, shift ms)."""
+    best: tuple[float, int] | None = None
+    for s in shifts_ms:
+        r = pearson(mouth, env_of(s))
+        if r is not None and (best is None or r > best[0]):
+            best = (r, int(s))
+    return best

@@ -36,7 +36,7 @@ def _patch_pipecat(owner: Any, name: str, make: Any, what: str, usable: bool = T
     """Replace ``owner.name`` with ``make(original)``, once (a marked replacement is kept).
     False, changing nothing and saying so, when pipecat no longer has it (or not ``usable``)."""
     original = getattr(owner, name, None)
-    done = getattr(original, "_talkstream_patches", frozenset())
+    done: frozenset[str] = getattr(original, "_talkstream_patches", frozenset())
     if what in done:
         return True
     if original is None or not usable:
@@ -519,7 +519,7 @@ def _report_shift(track: Any, ntp_timestamp: int) -> float | None:
     return None
 
 
-def _media_time_reports(original: Any, report_type: type) -> Any:
+def _media_time_reports(original: Any, report_type: Any) -> Any:
     async def _send_rtcp(self: Any, packets: list[Any]) -> None:
         for p in packets:
             if isinstance(p, report_type) and p.ssrc == self._ssrc:

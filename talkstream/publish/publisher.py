@@ -40,6 +40,7 @@ from talkstream.streaming.tracks import AvatarAudioTrack, AvatarStream, AvatarVi
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 20.0
+HANGUP_GRACE_S = 2.0  # a Janus connection that closed: how long its hangup event may take
 
 
 class PublishError(TalkstreamError):
@@ -129,8 +130,13 @@ class Publication:
     def _watch(self) -> None:
         @self.pc.on("connectionstatechange")
         def on_state() -> None:
-            if self.pc.connectionState in ("failed", "closed"):
-                self._end(f"connection {self.pc.connectionState}")
+            if self.pc.connectionState in ("failed", "closed") and not self._closed:
+                self._connection_lost(f"connection {self.pc.connectionState}")
+
+    def _connection_lost(self, reason: str) -> None:
+        """The peer connection went away (not by :meth:`close`); subclasses may wait for the
+        SFU's own word on why."""
+        self._end(reason)
 
     def _end(self, reason: str) -> None:
         if not self.ended.is_set():
@@ -164,6 +170,29 @@ class JanusPublication(Publication):
     async def _release(self) -> None:
         if self.session is not None:
             await self.session.close()  # destroys the handle: the feed leaves the room
+
+    def _connection_lost(self, reason: str) -> None:
+        # Janus closes the DTLS connection as it hangs up, and its hangup event (which says
+        # why) may come a moment later over the API: wait for it briefly.
+        handle = self.handle
+        if handle is None:
+            self._end(reason)
+            return
+
+        async def prefer_hangup() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handle.closed.wait(), HANGUP_GRACE_S)
+            if handle.closed.is_set():
+                self._hung_up()
+            else:
+                self._end(reason)
+
+        self.tasks.append(asyncio.create_task(prefer_hangup()))
+
+    def _hung_up(self) -> None:
+        said = self.handle.hangup_reason if self.handle is not None else ""
+        close_reason = self.session.close_reason if self.session is not None else ""
+        self._end(f"Janus hung up: {said or close_reason}")
 
 
 @dataclass(eq=False)
@@ -225,7 +254,7 @@ async def publish_to_janus(
 
     async def watch_session() -> None:
         await handle.closed.wait()
-        pub._end(f"Janus hung up: {handle.hangup_reason or session.close_reason}")
+        pub._hung_up()
 
     pub.tasks.append(asyncio.create_task(watch_session()))
     return pub

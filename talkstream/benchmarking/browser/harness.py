@@ -57,7 +57,7 @@ def page_script(name: str) -> str:
 # Before the page's scripts: keep every RTCPeerConnection, to read its getStats() later.
 INIT_JS = page_script("init")
 # A function of the page's RTCPeerConnection: the voice at Chromium's playout, to
-# window.__playout as [page ms, level] (js/playout.js).
+# window.__playout as [page ms, level, RTP timestamp] (js/playout.js).
 PLAYOUT_JS = page_script("playout")
 # One poll (a function of the last presented time collected): the page's state, new presented
 # frames, and the inbound RTP statistics.
