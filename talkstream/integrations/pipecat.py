@@ -114,12 +114,6 @@ END_GRACE_S = 2.0
 # that comes early: an 80 ms lead left it 45-50 ms early for whole runs, 120 ms 70-100 ms.
 # So the lead stays below the least of those waits (RESULTS, seventh session).
 SMALLWEBRTC_AUDIO_LEAD_MS = 40.0
-# Chromium plays a connection's first two seconds of voice 40-85 ms behind its face (its audio
-# jitter buffer starts deep and its lip sync needs seconds of sender reports): the voice
-# leaves this much further ahead at a connection's start, and the extra goes in the speech's
-# pauses from START_LEAD_S on (RESULTS, eighth session).
-SMALLWEBRTC_START_LEAD_MS = 40.0
-START_LEAD_S = 2.0  # seconds of a connection's voice before the start lead begins to go
 
 
 @dataclass
