@@ -20,6 +20,18 @@ Beside r it reports what can lose motion in between: the motion model's own inne
 (offline and from the server's live trace, no pixels), how closely the audio the server received
 follows the file (best lag over the loop), frames the server skipped or repeated, and media
 frames the browser never presented. Writes ``result.json`` and ``README.md`` into ``--out``.
+
+``--pipecat`` adds the pipecat path (``examples/pipecat_agent.py``: SmallWebRTC, espeak-ng TTS,
+``TalkstreamVideoService``) to Chromium. There the voice is the avatar's own, so the browser is
+scored against the voice it *played*: the audio the service handed to aiortc, placed at the RTP
+timestamps Chromium reports handing out for playout (``getSynchronizationSources``; the two
+are matched by the RTP header's levels), RMS per 40 ms, against the mouth shown during each
+40 ms (time-weighted over the presented frames). That is the offline render's measure with
+Chromium's timing in it. Also reported: ``serve``'s measure (the mouth shown against the audio
+the service spoke, one best alignment, no playout), the older coarse readings of the voice (the
+page's Web Audio probe; the RTP header's whole-dB level), and, as the reference, the offline
+render of the very audio the service spoke in that run, over the same stretch the browser
+showed (r depends on the speech: a different stretch scores differently).
 """
 
 from __future__ import annotations
