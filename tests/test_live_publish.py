@@ -396,3 +396,35 @@ async def test_queue_track_drops_oldest_and_never_blocks() -> None:
     assert [f.pts for f in rest] == [k * 3600 for k in range(6, VIDEO_QUEUE + 5)]
     with pytest.raises(MediaStreamError):
         await asyncio.wait_for(track.recv(), 2.0)
+
+
+async def test_a_janus_publication_prefers_janus_word_on_why_it_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Janus closes the connection as it hangs up, and its hangup event may come a moment
+    later: the end reason is Janus's when it comes within the grace, the connection's after it."""
+    from aiortc import RTCPeerConnection
+
+    from talkstream.publish import publisher
+
+    monkeypatch.setattr(publisher, "HANGUP_GRACE_S", 0.3)
+    pc = RTCPeerConnection()
+    try:
+        handle = janus.JanusHandle(None, 1, janus.VIDEOROOM)  # type: ignore[arg-type]
+        pub = JanusPublication(pc, None, "a room", handle=handle)
+        pub._connection_lost("connection closed")
+        await asyncio.sleep(0.05)
+        assert not pub.ended.is_set()  # waiting for Janus
+        handle.hangup_reason = "room destroyed"
+        handle.closed.set()
+        await asyncio.wait_for(pub.ended.wait(), 2.0)
+        assert pub.end_reason == "Janus hung up: room destroyed"
+
+        silent = JanusPublication(pc, None, "a room", handle=janus.JanusHandle(None, 2, "x"))  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        silent._connection_lost("connection failed")
+        await asyncio.wait_for(silent.ended.wait(), 2.0)
+        assert silent.end_reason == "connection failed"
+        assert time.monotonic() - t0 >= 0.25
+    finally:
+        await pc.close()
