@@ -58,6 +58,8 @@ import numpy as np
 from talkstream.benchmarking.lipsync import (
     FPS,
     MouthMeter,
+    best_shift_r,
+    cell_mean,
     decode_jpeg_data_url,
     envelope,
     face_box,
@@ -519,6 +521,8 @@ def analyse_pipecat(
         voice_r(t[0] + k / FPS, win, mouth[k : k + win], voice)
         for k in range(0, max(n - win, 0) + 1, win // 2)
     ]
+    # The mouth shown during each 40 ms cell (time-weighted): the exact measures' series.
+    shown = cell_mean(t, opening, t[0], n)
     presented = np.asarray(raw["presented"], dtype=np.float64)
     # The same against the voice at Chromium's playout (js/playout.js), without the page's Web
     # Audio probe and its own buffering in between.
@@ -533,23 +537,20 @@ def analyse_pipecat(
         "dlib_vs_played_voice_r": r_played,
         "played_voice_after_mouth_ms": shift_played,
         "by_window": [{"r": w_r, "voice_after_mouth_ms": w_s} for w_r, w_s in windows],
-        "exact": exact_played(raw.get("sent"), playout_rows, t, opening),
-        "shown_vs_spoken": shown_vs_spoken(spoken, t, opening),
+        "exact": exact_played(raw.get("sent"), playout_rows, t[0], shown),
+        "shown_vs_spoken": shown_vs_spoken(spoken, shown),
         "service": service_r(raw.get("service")),
     }
 
 
-def shown_vs_spoken(spoken: np.ndarray | None, t: np.ndarray, opening: np.ndarray) -> Any:
+def shown_vs_spoken(spoken: np.ndarray | None, shown: np.ndarray) -> Any:
     """``serve``'s measure on the pipecat path: the mouth shown during each 40 ms against the
     envelope of the audio the service spoke, at the best single alignment (no voice playout in
     between: what the face does with the speech, as the serve benchmark scores it against the
-    microphone's file). None without the audio."""
-    from talkstream.benchmarking.lipsync import cell_mean
-
+    microphone's file). ``shown``: the mouth shown per 40 ms cell. None without the audio."""
     if spoken is None or len(spoken) == 0:
         return None
-    n = int((t[-1] - t[0]) * FPS)
-    shown = cell_mean(t, opening, t[0], n)
+    n = len(shown)
     x = np.asarray(spoken, np.float64) / 32768
     best: tuple[float, int] | None = None
     for phase_s in (0.0, 0.01, 0.02, 0.03):  # 10 ms steps, as the played voice's search
@@ -569,18 +570,17 @@ def shown_vs_spoken(spoken: np.ndarray | None, t: np.ndarray, opening: np.ndarra
 def exact_played(
     sent_raw: tuple[list[tuple[int, np.ndarray]], int] | None,
     playout_rows: np.ndarray,
-    t: np.ndarray,
-    opening: np.ndarray,
+    t0: float,
+    shown: np.ndarray,
 ) -> dict[str, Any]:
     """The measure of the offline render, on what Chromium showed and played: the mouth shown
     during each 40 ms (time-weighted over the presented frames) against the RMS of the voice
     played during it (the audio the service sent, at the RTP time Chromium was playing).
-    Best shift in 10 ms steps within the offline's lag range (+-240 ms)."""
+    Best shift in 10 ms steps within the offline's lag range (+-240 ms). ``shown``: the
+    mouth shown per 40 ms cell from page time ``t0`` (s)."""
     from talkstream.benchmarking.lipsync import (
         Playout,
         SentAudio,
-        best_shift_r,
-        cell_mean,
         match_playout,
         played_envelope,
     )
@@ -593,11 +593,9 @@ def exact_played(
     out: dict[str, Any] = {"match_r": None if match is None else round(match[1], 3)}
     if match is None or match[1] < 0.8:  # the levels do not line up: no trustworthy map
         return out
-    n = int((t[-1] - t[0]) * FPS)
-    shown = cell_mean(t, opening, t[0], n)
+    n = len(shown)
     envs = {
-        s: played_envelope(sent, playout, match[0], t[0] + s / 1000, n)
-        for s in range(-240, 241, 10)
+        s: played_envelope(sent, playout, match[0], t0 + s / 1000, n) for s in range(-240, 241, 10)
     }
     later = np.arange(n) >= 6 * FPS
     for name, mask in (("all", np.ones(n, bool)), ("after_6s", later)):
@@ -613,12 +611,11 @@ def voice_r(
 ) -> tuple[float | None, int | None]:
     """Best r of the mouth series (40 ms grid from ``t0``) against the level of the voice the
     page played ((ms, rms) rows), over shifts of the voice of -120..+520 ms."""
-    best: tuple[float, int] | None = None
-    for shift_ms in range(-120, 521, 40):  # the voice may play a little after its frame
-        env = grid_mean(voice[:, 0] / 1000 - shift_ms / 1000, voice[:, 1], t0, n)
-        r = pearson(mouth, env)
-        if r is not None and (best is None or r > best[0]):
-            best = (r, shift_ms)
+    best = best_shift_r(
+        mouth,
+        lambda s: grid_mean(voice[:, 0] / 1000 - s / 1000, voice[:, 1], t0, n),
+        range(-120, 521, 40),  # the voice may play a little after its frame
+    )
     return (None, None) if best is None else (round(best[0], 3), best[1])
 
 
